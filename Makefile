@@ -1,0 +1,69 @@
+# fastmtl: `make test` and `make bench` set up an environment, then run.
+#   make test            .venv with torch==$(TORCH_VERSION) (CPU build) + triton, then all tests
+#   make test VENV=      the current python as it is (GPU machines: no registry); the package is
+#                        installed with --no-deps --no-build-isolation
+#   make bench           set-up, then the benchmark table (fastmtl-bench)
+#   make check-cuda      compile csrc/ against a CUDA torch in its own venv (compile only)
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.7.1
+CUDA_TORCH_VERSION ?= 2.14.1
+CUDA_VENV ?= .cuda-venv
+CUDA_HOME ?= /usr/local/cuda
+TORCH_CUDA_ARCH_LIST ?= 9.0
+PYTEST_ARGS ?=
+
+ifeq ($(strip $(VENV)),)
+PYTHON ?= python3
+SETUP_STAMP :=
+else
+PYTHON := $(VENV)/bin/python
+SETUP_STAMP := $(VENV)/.fastmtl-setup
+endif
+
+.PHONY: setup test test-fast test-kernels lint bench check-cuda clean
+
+ifeq ($(strip $(VENV)),)
+setup:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+else
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): pyproject.toml setup.py
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel
+	# torch first and pinned: anything unpinned would pull a multi-GB CUDA build
+	$(PYTHON) -m pip install -q torch==$(TORCH_VERSION) triton==$(TRITON_VERSION)
+	$(PYTHON) -m pip install -q --no-build-isolation -e ".[triton,test,bench,compare]" \
+		torch==$(TORCH_VERSION) triton==$(TRITON_VERSION)
+	touch $@
+endif
+
+# All tests on the default backends, then the op tests again with every Triton kernel run by
+# Triton's CPU interpreter (process-wide, so a second pytest process over the `kernels` mark).
+test: setup
+	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 FASTMTL_BACKEND=triton $(PYTHON) -m pytest tests -m kernels $(PYTEST_ARGS)
+
+test-kernels: setup
+	TRITON_INTERPRET=1 FASTMTL_BACKEND=triton $(PYTHON) -m pytest tests -m kernels $(PYTEST_ARGS)
+
+lint: setup
+	$(PYTHON) -m ruff check .
+
+bench: setup
+	$(PYTHON) -m fastmtl.bench.cli
+
+# Compile-only check of csrc/ against a CUDA build of torch (nothing built here can run here).
+check-cuda:
+	test -x $(CUDA_VENV)/bin/python || python3 -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(CUDA_TORCH_VERSION)')" 2>/dev/null \
+		|| $(CUDA_VENV)/bin/python -m pip install -q torch==$(CUDA_TORCH_VERSION) numpy setuptools wheel ninja
+	rm -rf build/cuda-check
+	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" FASTMTL_BUILD_CUDA=1 \
+		MAX_JOBS=2 $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp build/cuda-check/tmp \
+		--build-lib build/cuda-check/lib
+	@echo "check-cuda: csrc/ compiled against torch $(CUDA_TORCH_VERSION)"
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

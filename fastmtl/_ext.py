@@ -1,0 +1,31 @@
+"""The one module that imports the compiled extension ``fastmtl._C`` (optional).
+
+``available()`` says whether it loaded; the launchers below take already validated
+arguments (see ``fastmtl.ops``) and call the CUDA kernels of ``csrc/``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+try:
+    from fastmtl import _C  # type: ignore[attr-defined]
+
+    _ERROR: str | None = None
+except Exception as exc:  # not built (the default) or built for another torch
+    _C = None
+    _ERROR = f"{exc.__class__.__name__}: {exc}"
+
+
+def available() -> tuple[bool, str]:
+    if _C is None:
+        return False, f"fastmtl._C not built (FASTMTL_BUILD_CUDA=1 at install builds it): {_ERROR}"
+    return True, "fastmtl._C loaded"
+
+
+def gram(G: Tensor) -> Tensor:
+    return _C.gram(G)
+
+
+def combine(w: Tensor, G: Tensor, out: Tensor, accumulate: bool) -> None:
+    _C.combine(w, G, out, accumulate)

@@ -1,0 +1,8 @@
+"""Fused primitives. Each op is one public function whose torch reference is the spec;
+the Triton and CUDA implementations take the same arguments and ``fastmtl.backend`` decides.
+"""
+
+from fastmtl.ops.combine import combine, combine_reference
+from fastmtl.ops.gram import gram, gram_reference
+
+__all__ = ["combine", "combine_reference", "gram", "gram_reference"]

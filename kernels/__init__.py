@@ -1,0 +1,5 @@
+"""Triton kernels and their launchers, installed as ``fastmtl.kernels``.
+
+Importing a module here imports triton; ``fastmtl.backend`` does so lazily, only when the
+Triton backend is selected. ``TRITON_INTERPRET=1`` must be set before that import.
+"""
