@@ -6,6 +6,6 @@ The pipeline: per-task gradients (``engine``) -> Gram matrix (``ops.gram``) -> w
 
 __version__ = "0.1.0"
 
-from fastmtl import backend, ops  # noqa: E402
+from fastmtl import aggregators, backend, ops  # noqa: E402
 
-__all__ = ["__version__", "backend", "ops"]
+__all__ = ["__version__", "aggregators", "backend", "ops"]

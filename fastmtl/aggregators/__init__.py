@@ -1,0 +1,7 @@
+"""Aggregators: weights from the Gram matrix K = G Gᵀ (and the losses), one file a method."""
+
+from fastmtl.aggregators.base import Aggregator, check_gram, check_losses
+from fastmtl.aggregators.mean import Mean
+from fastmtl.aggregators.sum import Sum
+
+__all__ = ["Aggregator", "Mean", "Sum", "check_gram", "check_losses"]

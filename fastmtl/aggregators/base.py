@@ -1,0 +1,124 @@
+"""The aggregator contract: weights from the Gram matrix, plus the shared plumbing.
+
+An aggregator maps the Gram matrix K = G Gᵀ of T per-task gradients (and, for some methods,
+the T losses) to coefficients w on the *raw* rows of G, so that the update direction is
+d = Gᵀ w (any normalisation of the gradients is folded into w). ``weights(K, losses)`` is the
+method; ``agg(G, losses)`` is ``fm.ops.combine(agg.weights(fm.ops.gram(G), losses), G)``.
+
+Input policy (``check``):
+- shapes, dtypes and devices are always checked (metadata only, no host synchronisation);
+- values (K finite and symmetric, losses finite) are checked when ``check=True``, or by default
+  (``check=None``) when K is on the CPU and not being traced by ``torch.compile``. On CUDA the
+  default skips them, since reading a value back is a host sync: a non-finite K then gives
+  non-finite weights (NaN propagates; it is never replaced by a finite value).
+
+Stateful methods keep their state in tensors on K's device; ``state_dict()``,
+``load_state_dict()`` and ``reset()`` save, restore and clear it, and every ``weights()`` or
+``__call__`` advances it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from fastmtl import ops
+
+LossesLike = Tensor | Sequence[Tensor] | None
+
+
+def _checking_values(check: bool | None, t: Tensor) -> bool:
+    if check is not None:
+        return check
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_gram(K: object, check: bool | None = None, symmetry_rtol: float = 1e-4) -> Tensor:
+    """Validate a Gram matrix: a square (T, T) floating tensor, T >= 1; values per ``check``."""
+    if not isinstance(K, Tensor):
+        raise TypeError(f"K must be a torch.Tensor, got {type(K).__name__}")
+    if K.dim() != 2 or K.shape[0] != K.shape[1] or K.shape[0] < 1:
+        raise ValueError(f"K must be a square (T, T) matrix with T >= 1, got shape {tuple(K.shape)}")
+    if not K.is_floating_point():
+        raise TypeError(f"K must be a floating tensor, got {K.dtype}")
+    if _checking_values(check, K):
+        if not bool(torch.isfinite(K).all()):
+            raise ValueError("K has non-finite entries (a NaN/inf per-task gradient or loss?)")
+        scale = K.diagonal().abs().max()
+        if bool(((K - K.mT).abs() > symmetry_rtol * scale).any()):
+            raise ValueError("K is not symmetric: a Gram matrix G Gᵀ must be")
+    return K
+
+
+def check_losses(losses: LossesLike, K: Tensor, check: bool | None = None) -> Tensor | None:
+    """Stack ``losses`` into a (T,) tensor on K's device, or None when not given."""
+    if losses is None:
+        return None
+    if not isinstance(losses, Tensor):
+        losses = list(losses)
+        if any(not isinstance(loss, Tensor) for loss in losses):
+            raise TypeError("losses must be a tensor or a sequence of scalar tensors")
+        if any(loss.numel() != 1 for loss in losses):
+            raise ValueError("every loss must be a scalar (one element)")
+        devices = {loss.device for loss in losses}
+        if len(devices) > 1:
+            raise ValueError(f"losses are on different devices: {sorted(map(str, devices))}")
+        losses = torch.stack([loss.reshape(()) for loss in losses]) if losses else K.new_empty(0)
+    if losses.dim() != 1 or losses.shape[0] != K.shape[0]:
+        raise ValueError(f"losses must have shape ({K.shape[0]},) to match K, "
+                         f"got {tuple(losses.shape)}")
+    if losses.device != K.device:
+        raise ValueError(f"losses are on {losses.device} but K is on {K.device}")
+    losses = losses.detach().to(K.dtype)
+    if _checking_values(check, losses) and not bool(torch.isfinite(losses).all()):
+        raise ValueError("losses have non-finite entries")
+    return losses
+
+
+class Aggregator:
+    """Base class: subclasses implement ``_weights(K, losses)`` on validated inputs.
+
+    Class attributes a subclass may set:
+    - ``requires_losses``: ``weights`` raises if ``losses`` is None.
+    - ``fast_path``: "sum" or "mean" when w is constant, so that ``fm.mtl_backward`` can do
+      one backward of the summed (averaged) loss and never build per-task gradients.
+    """
+
+    requires_losses: ClassVar[bool] = False
+    fast_path: ClassVar[str | None] = None
+
+    def __init__(self, *, check: bool | None = None) -> None:
+        self.check = check
+
+    def _weights(self, K: Tensor, losses: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def weights(self, K: Tensor, losses: LossesLike = None) -> Tensor:
+        """Coefficients w (T,) on the rows of G, in K's dtype and on K's device: d = Gᵀ w."""
+        K = check_gram(K, self.check)
+        stacked = check_losses(losses, K, self.check)
+        if stacked is None and self.requires_losses:
+            raise ValueError(f"{type(self).__name__} needs the losses: weights(K, losses)")
+        return self._weights(K, stacked)
+
+    def __call__(self, G: Tensor, losses: LossesLike = None) -> Tensor:
+        """The aggregated direction d = Gᵀ w for per-task gradients G (T, N)."""
+        K = ops.gram(G)
+        return ops.combine(self.weights(K, losses), G)
+
+    # State plumbing for stateful methods (stateless ones have none).
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless; got state keys {list(state)}")
+
+    def reset(self) -> None:
+        """Forget any state (no-op for stateless methods)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
