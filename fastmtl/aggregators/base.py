@@ -41,7 +41,8 @@ def check_gram(K: object, check: bool | None = None, symmetry_rtol: float = 1e-4
     if not isinstance(K, Tensor):
         raise TypeError(f"K must be a torch.Tensor, got {type(K).__name__}")
     if K.dim() != 2 or K.shape[0] != K.shape[1] or K.shape[0] < 1:
-        raise ValueError(f"K must be a square (T, T) matrix with T >= 1, got shape {tuple(K.shape)}")
+        raise ValueError(f"K must be a square (T, T) matrix with T >= 1, "
+                         f"got shape {tuple(K.shape)}")
     if not K.is_floating_point():
         raise TypeError(f"K must be a floating tensor, got {K.dtype}")
     if _checking_values(check, K):

@@ -1,0 +1,108 @@
+"""``fastmtl-bench``: every op against its references, as ratios and % of the bytes floor.
+
+    fastmtl-bench [--device cpu|cuda] [--quick] [--json PATH]
+
+Prints one table; ``--json`` also writes the rows with device, versions, commit and date (GPU
+results are committed under ``benchmarks/results/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+
+import torch
+
+import fastmtl as fm
+from fastmtl.bench.cases import Row, combine_cases, gram_cases, mgda_cases
+from fastmtl.bench.steps import step_cases
+from fastmtl.bench.timing import copy_bandwidth_gbs
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+
+
+def run(device: str, quick: bool) -> tuple[list[Row], float]:
+    floor = copy_bandwidth_gbs(device, 1 << (30 if device.startswith("cuda") else 26))
+    sizes = [10**5, 10**6] if quick or not device.startswith("cuda") else [10**5, 10**6, 10**7]
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.startswith("cuda") else [])
+    rows: list[Row] = []
+    for dtype in dtypes:
+        for T in (2, 8, 40):
+            for N in sizes:
+                rows += gram_cases(device, dtype, T, N)
+                rows += combine_cases(device, dtype, T, N)
+    for T in (2, 10, 40):
+        rows += mgda_cases(device, T)
+    rows += step_cases(device, T=10)
+    _add_ratios(rows, floor)
+    return rows, floor
+
+
+def _add_ratios(rows: list[Row], floor: float) -> None:
+    fast = {(r["op"], r["case"]): r["ms"] for r in rows if str(r["impl"]).startswith("fastmtl")}
+    for r in rows:
+        base = fast.get((r["op"], r["case"]))
+        r["fastmtl speed-up"] = (r["ms"] / base) if base else None
+        if "GB/s" in r:
+            r["% floor"] = 100.0 * r["GB/s"] / floor
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def print_table(rows: list[Row], file=sys.stdout) -> None:
+    cols = ["op", "case", "impl", "ms", "GB/s", "% floor", "fastmtl speed-up"]
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=file)
+    for x in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(x, widths)), file=file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastmtl-bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument("--json", help="also write the rows and metadata to this file")
+    args = parser.parse_args(argv)
+    rows, floor = run(args.device, args.quick)
+    meta = {
+        "device": _device_name(args.device), "commit": _commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "fastmtl": fm.__version__,
+        "backends": {k: v["detail"] for k, v in fm.backend.info().items()},
+        "copy_floor_GBps": floor,
+    }
+    print(f"fastmtl-bench on {meta['device']} (commit {meta['commit']}, torch {meta['torch']}); "
+          f"copy floor {floor:.1f} GB/s; 'fastmtl speed-up' = impl time / fastmtl time")
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

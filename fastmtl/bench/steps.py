@@ -1,0 +1,99 @@
+"""End-to-end step benchmark: one MGDA step of a shared-MLP, T-head model.
+
+Compared in one run: ``fm.mtl_backward`` (MGDA), torchjd's ``mtl_backward`` + ``jac_to_grad``
+(when installed), a LibMTL-style loop (per-task ``autograd.grad`` + ``torch.cat``, host-side
+Frank–Wolfe, per-parameter copy back) and the unitary-scalarization floor
+``sum(losses).backward()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import fastmtl as fm
+from fastmtl.bench.cases import Row, _numpy_frank_wolfe, _time_impls
+
+
+def _model(device: str, T: int, width: int, depth: int):
+    layers: list[nn.Module] = [nn.Linear(64, width), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    encoder = nn.Sequential(*layers).to(device)
+    heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(T)).to(device)
+    return encoder, heads
+
+
+def _losses(encoder, heads, x, y):
+    z = encoder(x)
+    return z, [nn.functional.mse_loss(h(z), y[:, i : i + 1]) for i, h in enumerate(heads)]
+
+
+def step_cases(device: str, T: int = 10, width: int = 256, depth: int = 3,
+               batch: int = 128) -> list[Row]:
+    torch.manual_seed(0)
+    encoder, heads = _model(device, T, width, depth)
+    shared = list(encoder.parameters())
+    x = torch.randn(batch, 64, device=device)
+    y = torch.randn(batch, T, device=device)
+    impls: dict[str, Callable[[], object]] = {}
+
+    def sum_step():
+        _, losses = _losses(encoder, heads, x, y)
+        torch.stack(losses).sum().backward()
+
+    impls["sum(losses).backward()"] = sum_step
+    if hasattr(fm, "mtl_backward") and hasattr(fm.aggregators, "MGDA"):
+        agg = fm.aggregators.MGDA()
+
+        def fastmtl_step():
+            _, losses = _losses(encoder, heads, x, y)
+            fm.mtl_backward(losses, shared, aggregator=agg)
+
+        impls["fastmtl MGDA"] = fastmtl_step
+    try:
+        from torchjd.aggregation import MGDA as TorchjdMGDA
+        from torchjd.autojac import jac_to_grad, mtl_backward
+
+        tjd = TorchjdMGDA()
+
+        def torchjd_step():
+            z, losses = _losses(encoder, heads, x, y)
+            mtl_backward(losses, features=z)
+            jac_to_grad(shared, tjd)
+
+        impls["torchjd MGDA"] = torchjd_step
+    except ImportError:
+        pass
+
+    def loop_step():
+        _, losses = _losses(encoder, heads, x, y)
+        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            loss, shared, retain_graph=True)]) for loss in losses]
+        G = torch.stack(rows)
+        w = torch.as_tensor(_numpy_frank_wolfe((G @ G.T).double().cpu().numpy()),
+                            dtype=G.dtype, device=G.device)
+        d = w @ G
+        offset = 0
+        for p in shared:
+            p.grad = d[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        for head, loss in zip(heads, losses):
+            head_grads = torch.autograd.grad(loss, list(head.parameters()), retain_graph=True)
+            for p, g in zip(head.parameters(), head_grads):
+                p.grad = g
+
+    impls["LibMTL-style loop"] = loop_step
+
+    def zero_then(fn):
+        def run():
+            for p in [*encoder.parameters(), *heads.parameters()]:
+                p.grad = None
+            fn()
+
+        return run
+
+    case = f"T={T} MLP {depth}x{width} batch {batch}"
+    return _time_impls("step", case, device, {k: zero_then(f) for k, f in impls.items()}, None)
