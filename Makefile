@@ -63,7 +63,13 @@ check-cuda:
 	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" FASTMTL_BUILD_CUDA=1 \
 		MAX_JOBS=2 $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp build/cuda-check/tmp \
 		--build-lib build/cuda-check/lib
-	@echo "check-cuda: csrc/ compiled against torch $(CUDA_TORCH_VERSION)"
+	# Load it (no GPU needed): catches undefined symbols, and a build that silently built nothing
+	$(CUDA_VENV)/bin/python -c "import glob, importlib.util, torch; \
+		spec = importlib.util.spec_from_file_location('fastmtl._C', \
+			glob.glob('build/cuda-check/lib/fastmtl/_C*.so')[0]); \
+		m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); \
+		assert callable(m.gram) and callable(m.combine), dir(m)"
+	@echo "check-cuda: csrc/ compiled against torch $(CUDA_TORCH_VERSION) and loads"
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

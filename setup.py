@@ -26,11 +26,14 @@ def _cuda_extension():
               "CUDA_HOME/nvcc not found)", file=sys.stderr)
         return [], {}
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
-    nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
+    # No -std: torch's cpp_extension picks the standard its headers need (C++20 for recent torch).
+    # No --use_fast_math: it flushes fp32 denormals to zero, which the torch references don't.
+    nvcc_flags = ["-O3", "-lineinfo"]
     ext = CUDAExtension(
         name="fastmtl._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        depends=glob.glob("csrc/*.cuh") + glob.glob("csrc/*.h"),
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

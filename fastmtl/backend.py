@@ -19,7 +19,6 @@ checks the kernels without a GPU.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import os
 from collections.abc import Iterator
@@ -48,8 +47,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_STATUS: dict[str, tuple[bool, str]] = {}  # availability, probed once per process
+
+
 def _triton_status() -> tuple[bool, str]:
+    if "triton" not in _STATUS:
+        _STATUS["triton"] = _probe_triton()
+    return _STATUS["triton"]
+
+
+def _cuda_ext_status() -> tuple[bool, str]:
+    if "cuda" not in _STATUS:
+        _STATUS["cuda"] = _probe_cuda_ext()
+    return _STATUS["cuda"]
+
+
+def _probe_triton() -> tuple[bool, str]:
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
@@ -57,8 +70,7 @@ def _triton_status() -> tuple[bool, str]:
     return True, f"triton {triton.__version__}" + (" (CPU interpreter)" if interpreting() else "")
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_ext_status() -> tuple[bool, str]:
+def _probe_cuda_ext() -> tuple[bool, str]:
     try:
         importlib.import_module("fastmtl._ext")
         from fastmtl import _ext

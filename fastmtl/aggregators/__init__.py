@@ -2,6 +2,7 @@
 
 from fastmtl.aggregators.base import Aggregator, check_gram, check_losses
 from fastmtl.aggregators.mean import Mean
+from fastmtl.aggregators.mgda import MGDA
 from fastmtl.aggregators.sum import Sum
 
-__all__ = ["Aggregator", "Mean", "Sum", "check_gram", "check_losses"]
+__all__ = ["Aggregator", "MGDA", "Mean", "Sum", "check_gram", "check_losses"]

@@ -20,9 +20,10 @@ __all__ = ["gram", "gram_reference"]
 
 
 def gram_reference(G: Tensor) -> Tensor:
-    """K = G Gᵀ in the accumulation dtype (the spec and the CPU path)."""
+    """K = G Gᵀ in the accumulation dtype (the spec and the CPU path), exactly symmetric."""
     A = G.to(acc_dtype(G.dtype))
-    return A @ A.mT
+    K = A @ A.mT  # BLAS need not give K_ij and K_ji bit for bit: mirror the upper triangle
+    return K.triu() + K.triu(1).mT
 
 
 @torch.library.custom_op("fastmtl::gram", mutates_args=())

@@ -1,0 +1,22 @@
+// Python bindings of the compiled extension fastmtl._C (the one bindings file of csrc/).
+// Called only from fastmtl/_ext.py, with arguments already validated by fastmtl.ops; the
+// kernels check them again (TORCH_CHECK raises RuntimeError with the op's name).
+#include <torch/extension.h>
+
+namespace fastmtl {
+at::Tensor gram_cuda(const at::Tensor& G);                                      // gram.cu
+void combine_cuda(const at::Tensor& w, const at::Tensor& G, at::Tensor& out,  // combine.cu
+                  bool accumulate);
+}  // namespace fastmtl
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastmtl CUDA kernels (see csrc/ and fastmtl/ops for the torch references)";
+  m.def("gram", &fastmtl::gram_cuda, py::arg("G"),
+        "K = G G^T for G (T, N) on a CUDA device: (T, T) float32 (float64 for float64 G); "
+        "split-N partial Grams reduced in a fixed order (deterministic, exactly symmetric).");
+  m.def("combine", &fastmtl::combine_cuda, py::arg("w"), py::arg("G"), py::arg("out"),
+        py::arg("accumulate"),
+        "out = G^T w (accumulate=False) or out += G^T w (accumulate=True) for G (T, N), "
+        "w (T,) in the accumulation dtype, out (N,) contiguous in G's or the accumulation "
+        "dtype; accumulated in float32 (float64 for float64 G).");
+}

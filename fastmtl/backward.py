@@ -1,0 +1,138 @@
+"""``fm.mtl_backward``: one multi-task backward pass.
+
+For losses L_1..L_T, shared parameters θ_sh and an aggregator:
+
+    G = [∇_{θ_sh} L_1; ...; ∇_{θ_sh} L_T]        (T, N)   per-task gradients (``engine``)
+    K = G Gᵀ                                     (T, T)   ``ops.gram`` per (device, dtype) group
+    w = aggregator.weights(K, losses)            (T,)
+    θ_sh.grad += d = Gᵀ w                                ``ops.combine`` per group
+    θ.grad    += Σ_i ∇_θ L_i                              every other parameter (the heads)
+
+and returns w. In latent mode (``features=z``, MGDA-UB) G is replaced by G_z = [∇_z L_i] and
+the direction d_z = G_zᵀ w is pulled back with one backward pass (see ``engine.latent``):
+parameters behind z get J_zᵀ d_z, the heads Σ_i ∇ L_i, and a parameter the losses use other
+than through z also its plain gradient along those other paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from fastmtl.engine import cache
+from fastmtl.engine.base import check_engine_name, check_losses_list, check_shared_params
+from fastmtl.engine.latent import LatentGradients, check_features
+from fastmtl.engine.task_gradients import TaskGradients
+
+__all__ = ["mtl_backward"]
+
+
+def _check_aggregator(aggregator: object) -> None:
+    if not callable(getattr(aggregator, "weights", None)):
+        raise TypeError("aggregator must have a weights(K, losses) method (a "
+                        f"fastmtl.aggregators.Aggregator), got {type(aggregator).__name__}")
+
+
+def _check_finite(losses: Sequence[Tensor]) -> None:
+    values = torch.stack([loss.detach().to(torch.float64) for loss in losses])
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        raise ValueError(f"non-finite losses at task indices {bad}: {values[bad].tolist()}")
+
+
+def _resolve_engine(engine: object, params: list[Tensor], latent: bool):
+    if isinstance(engine, TaskGradients):
+        if latent:
+            raise TypeError("features= (latent mode) needs a LatentGradients engine, "
+                            "got a TaskGradients")
+        if not engine.matches(params):
+            raise ValueError("the TaskGradients passed as engine was built for other "
+                             "shared parameters")
+        return engine
+    if isinstance(engine, LatentGradients):
+        if not latent:
+            raise TypeError("a LatentGradients engine needs features=z")
+        return engine
+    name = check_engine_name(engine)
+    if latent:
+        return cache.cached("latent", name, params, lambda: LatentGradients(name))
+    return cache.cached("params", name, params, lambda: TaskGradients(params, name))
+
+
+def mtl_backward(
+    losses: Sequence[Tensor] | Tensor,
+    shared_params: Iterable[Tensor],
+    aggregator,
+    features: Tensor | None = None,
+    engine: str | TaskGradients | LatentGradients = "auto",
+    *,
+    check_finite: bool = False,
+) -> Tensor:
+    """Fill ``.grad``: shared params the aggregated direction, the rest the plain sum.
+
+    Args:
+        losses: T >= 1 scalar losses (a sequence, or a 1-D tensor), all on one device.
+        shared_params: the parameters whose per-task gradients are aggregated (the encoder).
+        aggregator: a ``fastmtl.aggregators.Aggregator`` (anything with ``weights(K, losses)``).
+        features: the shared representation z: latent (MGDA-UB) mode, K from ∇_z L_i.
+        engine: "loop" | "vmap" | "auto" ("loop" when the losses are on the CPU or T <= 2,
+            else "vmap", falling back to "loop" for good if vmap fails), or an engine
+            object of your own (``TaskGradients(shared_params)``, or ``LatentGradients()`` with
+            ``features``). By name, the engine comes from a small module-level cache keyed on
+            the shared parameters (held weakly), so its buffers are reused across steps.
+        check_finite: raise ``ValueError`` on a non-finite loss (reads the losses on the host:
+            a synchronisation on GPU).
+
+    Returns:
+        w (T,): the weights, float32 (float64 when K is), on K's device; d = Gᵀ w.
+
+    Like ``backward()``, this *accumulates*: ``.grad += ...``. The graph is freed afterwards.
+    A shared parameter's ``.grad`` that was None becomes a view of a persistent per-group
+    direction buffer (reused every step: clone it to keep it past ``zero_grad()``). A shared
+    parameter that no loss reaches keeps its ``.grad`` (None stays None); a (task, parameter)
+    pair without a gradient counts as a zero gradient for that task (``TaskGradients.reached``
+    tells the two apart). Aggregators with ``fast_path`` "sum" / "mean" (``Sum``, ``Mean``) take
+    one backward pass of Σ_i L_i (resp. (1/T) Σ_i L_i) and build no per-task gradients, with or
+    without ``features``. Any ``torch.optim`` optimizer can step afterwards.
+    """
+    losses = check_losses_list(losses)
+    params = check_shared_params(shared_params)
+    _check_aggregator(aggregator)
+    if features is not None:
+        features = check_features(features)
+    if isinstance(engine, str):
+        check_engine_name(engine)
+    elif not isinstance(engine, TaskGradients | LatentGradients):
+        raise TypeError("engine must be 'loop', 'vmap', 'auto', a TaskGradients or a "
+                        f"LatentGradients, got {type(engine).__name__}")
+    if check_finite:
+        _check_finite(losses)
+    T = len(losses)
+    fast = getattr(aggregator, "fast_path", None)
+    if fast in ("sum", "mean"):
+        scale = 1.0 if fast == "sum" else 1.0 / T
+        torch.autograd.backward(losses, [torch.full_like(loss, scale) for loss in losses])
+        dtype = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
+        return torch.full((T,), scale, dtype=dtype, device=losses[0].device)
+    eng = _resolve_engine(engine, params, features is not None)
+    if features is None:
+        eng.compute(losses)
+        K = eng.gram()
+        w = aggregator.weights(K, _stack(losses, K))
+        eng.write_direction(w)
+        return w
+    try:
+        eng.compute(losses, features)
+        K = eng.gram()
+        w = aggregator.weights(K, _stack(losses, K))
+        eng.backward(w)
+    finally:
+        eng.discard()
+    return w
+
+
+def _stack(losses: Sequence[Tensor], K: Tensor) -> Tensor:
+    return torch.stack([loss.detach().to(K.dtype) for loss in losses]).to(K.device)

@@ -1,0 +1,17 @@
+"""Per-task gradients: the first stage of the pipeline (losses -> G -> K -> w -> d).
+
+- ``TaskGradients``: ∇_{θ_sh} L_i into one persistent (T, N) buffer per (device, dtype) group
+  of shared parameters ("loop": T in-place backward passes; "vmap": one batched pass).
+- ``LatentGradients``: ∇_z L_i for a shared representation z (MGDA-UB), pulled back with one
+  backward pass.
+- ``GradientEngine``: the interface both implement (``compute``, ``gram``, ``direction``).
+"""
+
+from fastmtl.engine import cache
+from fastmtl.engine.base import ENGINES, GradientEngine, auto_mode
+from fastmtl.engine.latent import LatentGradients
+from fastmtl.engine.task_gradients import TaskGradients
+from fastmtl.engine.vmap import VmapUnsupportedError
+
+__all__ = ["ENGINES", "GradientEngine", "LatentGradients", "TaskGradients",
+           "VmapUnsupportedError", "auto_mode", "cache"]

@@ -1,0 +1,162 @@
+"""Latent mode (MGDA-UB, Sener & Koltun 2018, §3.3): per-task gradients w.r.t. a shared
+representation z instead of the shared parameters.
+
+    compute(losses, z)  G_z[i] = vec(∇_z L_i)        (T, z.numel()); T VJPs that stop at z
+                                                     ("loop"), or one batched VJP ("vmap")
+    gram()              K_z = G_z G_zᵀ
+    direction(w)        d_z = G_zᵀ w                  (shaped like z)
+    backward(w)         one backward pass of Σ_i L_i during which a hook on z replaces the
+                        gradient flowing into z by d_z:
+                          heads (between z and the losses)  .grad += Σ_i ∇ L_i
+                          parameters behind z               .grad += J_zᵀ d_z   (one VJP)
+
+A parameter that the losses use other than through z (a skip connection around z, a shared
+tensor used by a head) also receives its plain gradient Σ_i ∇ L_i along those other paths.
+The graph is retained between ``compute`` and ``backward`` and freed by ``backward``.
+``reached`` (T,) says which losses depend on z; the rows of the others are zero. The (T, n)
+buffer is reused while T, z.numel(), z's dtype and device stay the same.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastmtl import ops
+from fastmtl.engine.base import GradientEngine, auto_mode, check_engine_name, check_losses_list
+from fastmtl.engine.graph import task_masks
+from fastmtl.engine.vmap import VmapUnsupportedError
+from fastmtl.ops._common import acc_dtype
+
+__all__ = ["LatentGradients", "check_features"]
+
+
+def check_features(features: object) -> Tensor:
+    if not isinstance(features, Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if not features.requires_grad:
+        raise ValueError("features does not require grad: pass the shared representation z "
+                         "as computed by the encoder (not detached)")
+    if not features.is_floating_point() or features.numel() == 0:
+        raise ValueError(f"features must be a non-empty floating tensor, got {features.dtype} "
+                         f"of shape {tuple(features.shape)}")
+    return features
+
+
+class LatentGradients(GradientEngine):
+    """Per-task gradients w.r.t. the features z in a persistent (T, z.numel()) buffer."""
+
+    def __init__(self, engine: str = "auto") -> None:
+        self.engine = check_engine_name(engine)
+        self.buffer: Tensor | None = None
+        self.num_tasks: int | None = None
+        self.mode: str | None = None
+        self._reached: Tensor | None = None
+        self._pending: tuple[list[Tensor], Tensor] | None = None   # (losses, z) until backward
+        self._vmap_ok: bool | None = None
+
+    def _allocate(self, T: int, z: Tensor) -> None:
+        b = self.buffer
+        if b is None or b.shape != (T, z.numel()) or b.dtype != z.dtype or b.device != z.device:
+            self.buffer = torch.zeros(T, z.numel(), dtype=z.dtype, device=z.device)
+
+    def compute(self, losses: Sequence[Tensor], features: Tensor | None = None) -> LatentGradients:
+        """G_z[i] = ∇_z L_i for ``features`` z; keeps the graph for ``backward``."""
+        if features is None:
+            raise TypeError("LatentGradients.compute needs features=z")
+        losses = check_losses_list(losses)
+        z = check_features(features)
+        T = len(losses)
+        self._allocate(T, z)
+        mode = self.engine if self.engine != "auto" else (
+            "loop" if self._vmap_ok is False else auto_mode(losses[0].device, T))
+        if mode == "vmap":
+            try:
+                reached = self._vmap(losses, z)
+                self._vmap_ok = True
+            except VmapUnsupportedError as exc:
+                if self.engine != "auto":
+                    raise
+                warnings.warn(f"fastmtl: engine='auto' falls back to 'loop' for good: {exc}",
+                              RuntimeWarning, stacklevel=2)
+                self._vmap_ok, mode = False, "loop"
+        if mode == "loop":
+            reached = self._loop(losses, z)
+        self._reached = torch.tensor(reached, dtype=torch.bool)
+        self.num_tasks, self.mode, self._pending = T, mode, (losses, z)
+        return self
+
+    def _loop(self, losses: list[Tensor], z: Tensor) -> list[bool]:
+        reached = []
+        for i, loss in enumerate(losses):
+            (g,) = torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)
+            with torch.no_grad():
+                if g is None:
+                    self.buffer[i].zero_()
+                else:
+                    self.buffer[i].copy_(g.reshape(-1))
+            reached.append(g is not None)
+        return reached
+
+    def _vmap(self, losses: list[Tensor], z: Tensor) -> list[bool]:
+        T = len(losses)
+        _, mask = task_masks(losses, target=z)
+        stacked = torch.stack(losses)
+        eye = torch.eye(T, dtype=stacked.dtype, device=stacked.device)
+        try:
+            (g,) = torch.autograd.grad(stacked, z, grad_outputs=eye, is_grads_batched=True,
+                                       retain_graph=True, allow_unused=True)
+        except RuntimeError as exc:
+            raise VmapUnsupportedError(
+                f"engine='vmap': the batched VJP into the features failed ({exc}); "
+                "use engine='loop' instead.") from exc
+        with torch.no_grad():
+            if g is None:
+                self.buffer.zero_()
+                mask = 0
+            else:
+                self.buffer.copy_(g.reshape(T, -1))
+        return [bool(mask >> i & 1) for i in range(T)]
+
+    @property
+    def reached(self) -> Tensor:
+        """(T,) bool on the CPU: ``reached[i]`` iff loss i depends on z."""
+        self._require_computed()
+        return self._reached
+
+    def gram(self) -> Tensor:
+        """K_z = G_z G_zᵀ (T, T), float32 (float64 for float64 z)."""
+        self._require_computed()
+        return ops.gram(self.buffer)
+
+    def direction(self, w: Tensor) -> Tensor:
+        """d_z = G_zᵀ w, shaped like z, in z's dtype."""
+        T = self._require_computed()
+        if not isinstance(w, Tensor) or w.dim() != 1 or w.shape[0] != T:
+            raise ValueError(f"w must be a tensor of shape ({T},)")
+        z = self._pending[1] if self._pending is not None else None
+        w = w.detach().to(device=self.buffer.device, dtype=acc_dtype(self.buffer.dtype))
+        with torch.no_grad():
+            d = ops.combine(w, self.buffer)
+        return d if z is None else d.view(z.shape)
+
+    def discard(self) -> None:
+        """Drop the references to the losses and z kept since ``compute`` (frees the graph)."""
+        self._pending = None
+
+    def backward(self, w: Tensor) -> None:
+        """Pull d_z = G_zᵀ w back: one backward of Σ_i L_i with z's gradient replaced by d_z."""
+        if self._pending is None:
+            raise RuntimeError("LatentGradients.backward: call compute(losses, features) first "
+                               "(each compute allows one backward)")
+        d_z = self.direction(w)
+        losses, z = self._pending
+        self._pending = None
+        handle = z.register_hook(lambda _grad: d_z)
+        try:
+            torch.autograd.backward(losses)
+        finally:
+            handle.remove()

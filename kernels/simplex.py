@@ -1,0 +1,141 @@
+r"""Triton kernel of ``fm.solvers.min_norm_simplex``: w = argmin_{w ∈ Δ} wᵀ K w, one program.
+
+The whole solve is ONE program (one launch, no host synchronisation): pairwise Frank–Wolfe
+with exact line search and second-order pair selection (the SMO step of SVM solvers), the same
+algorithm as ``fastmtl.solvers.simplex.min_norm_simplex_reference``, which is its spec:
+
+.. math::
+
+    g = K w,\qquad v = \arg\max_{i:\,w_i>0} g_i,\qquad
+    s = \arg\max_{i:\,g_v-g_i>\tau} \frac{(g_v-g_i)^2}{K_{ii}+K_{vv}-2K_{iv}},
+
+    \gamma = \min\Big(\frac{g_v-g_s}{K_{ss}+K_{vv}-2K_{sv}},\; w_v\Big),\qquad
+    w \leftarrow w + \gamma (e_s - e_v),\qquad g \leftarrow g + \gamma (K_{:s} - K_{:v}),
+
+with τ_i = tol · wᵀKw + eps · m (n_v + n_i), n_i = √K_ii, m = Σ_j w_j n_j (eps: 4 × machine
+epsilon, the rounding allowance); it stops (on device, a ``while`` loop) when no g_v − g_i
+exceeds τ_i (the KKT conditions up to τ), or after ``max_iter`` steps. Only vectors of length
+T live in registers (a padded block of BLOCK >= T lanes); each step reads the two rows K_v, K_s
+(K is symmetric) from global memory, which stay in L1/L2: O(T) work a step, not O(T²).
+g is kept incrementally and recomputed exactly (g = K w, tiled over columns, w re-read from the
+output buffer used as scratch) every ``REFRESH`` steps and before the stop test is trusted.
+Non-finite entries of K give NaN weights (never a finite answer).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from fastmtl.kernels._utils import next_power_of_2
+
+__all__ = ["MAX_T", "launch"]
+
+MAX_T = 1024  # widest padded block; larger T runs the torch reference
+_REFRESH = 32
+
+
+@triton.jit
+def _matvec(k_ptr, w_ptr, T, offs, mask, ONES: tl.constexpr, BLOCK: tl.constexpr,
+            BC: tl.constexpr):
+    """K @ w for row-major K (T, T), w read from ``w_ptr`` (or w = 1 when ONES), in w's dtype."""
+    acc = tl.zeros((BLOCK,), dtype=w_ptr.dtype.element_ty)
+    cols = tl.arange(0, BC)
+    for c0 in range(0, T, BC):
+        c = c0 + cols
+        cmask = c < T
+        tile = tl.load(k_ptr + offs[:, None] * T + c[None, :],
+                       mask=mask[:, None] & cmask[None, :], other=0.0)
+        tile = tile.to(w_ptr.dtype.element_ty)
+        if ONES:
+            acc += tl.sum(tile, axis=1)
+        else:
+            wc = tl.load(w_ptr + c, mask=cmask, other=0.0)
+            acc += tl.sum(tile * wc[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _min_norm_simplex_kernel(k_ptr, w_ptr, T, max_iter, tol, eps, BLOCK: tl.constexpr,
+                             BC: tl.constexpr, REFRESH: tl.constexpr):
+    dt = w_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    mask = offs < T
+    diag = tl.load(k_ptr + offs * (T + 1), mask=mask, other=0.0).to(dt)
+    norms = tl.sqrt(tl.maximum(diag, 0.0))
+    tn = tl.sum(mask.to(dt), axis=0)  # T as a float (T itself may be a constexpr 1)
+
+    # Start at the uniform point if its objective sum(K)/T² is at most min_i K_ii, else at
+    # the vertex of the shortest gradient.
+    ksum = tl.sum(_matvec(k_ptr, w_ptr, T, offs, mask, True, BLOCK, BC), axis=0)
+    dmasked = tl.where(mask, diag, float("inf"))
+    vmin = tl.argmin(dmasked, axis=0)
+    uniform = ksum / (tn * tn) <= tl.min(dmasked, axis=0)
+    w = tl.where(mask, tl.where(uniform, 1.0 / tn, tl.where(offs == vmin, 1.0, 0.0)), 0.0)
+    w = w.to(dt)
+    tl.store(w_ptr + offs, w, mask=mask)
+    tl.debug_barrier()
+    g = _matvec(k_ptr, w_ptr, T, offs, mask, False, BLOCK, BC)
+
+    it = tl.program_id(0) * 0
+    fresh = it + 1  # g was computed exactly, not updated incrementally, since the last refresh
+    go = it < max_iter
+    while go:
+        gw = tl.where(mask & (w > 0), g, float("-inf"))
+        v = tl.argmax(gw, axis=0)
+        diff = tl.where(mask, tl.max(gw, axis=0) - g, float("-inf"))
+        kv = tl.load(k_ptr + v * T + offs, mask=mask, other=0.0).to(dt)
+        kvv = tl.sum(tl.where(offs == v, diag, 0.0), axis=0)
+        nv = tl.sum(tl.where(offs == v, norms, 0.0), axis=0)
+        thr = (tol * tl.maximum(tl.sum(w * g, axis=0), 0.0)
+               + eps * tl.sum(w * norms, axis=0) * (nv + norms))
+        viol = diff > thr
+        den = tl.where(viol, tl.maximum(diag + kvv - 2.0 * kv, 0.0), 1.0)
+        gain = tl.where(viol, diff * diff / den, -1.0)
+        s = tl.argmax(gain, axis=0)
+        ds = tl.sum(tl.where(offs == s, diff, 0.0), axis=0)
+        dens = tl.sum(tl.where(offs == s, den, 0.0), axis=0)
+        wv = tl.sum(tl.where(offs == v, w, 0.0), axis=0)
+        active = tl.max(gain, axis=0) >= 0.0
+        gam = tl.where(active, tl.minimum(ds / dens, wv), 0.0)
+        ks = tl.load(k_ptr + s * T + offs, mask=mask, other=0.0).to(dt)
+        w = tl.where(offs == s, w + gam, tl.where(offs == v, w - gam, w))
+        g = g + gam * (ks - kv)
+        it += 1
+        stop = (active == 0) & (fresh != 0)
+        refresh = ((it % REFRESH) == 0) | (active == 0)
+        if refresh:
+            tl.debug_barrier()
+            tl.store(w_ptr + offs, w, mask=mask)
+            tl.debug_barrier()
+            g = _matvec(k_ptr, w_ptr, T, offs, mask, False, BLOCK, BC)
+        fresh = refresh.to(tl.int32)
+        go = (it < max_iter) & (stop == 0)
+
+    # NaN/inf anywhere in K reached g through the exact products: propagate it to w.
+    w = w + 0.0 * tl.sum(g, axis=0)
+    tl.debug_barrier()
+    tl.store(w_ptr + offs, w, mask=mask)
+
+
+def _config(T: int) -> tuple[int, int, int]:
+    """(BLOCK, BC, num_warps): a padded block of T lanes, column tiles of ~256·warps elements."""
+    block = max(16, next_power_of_2(T))
+    num_warps = 1 if block <= 128 else (2 if block <= 512 else 4)
+    bc = max(1, min(block, 256 * num_warps // block))
+    return block, bc, num_warps
+
+
+def launch(K: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
+    """w (T,) in float32 (float64 for float64 K) for a validated (T, T) K, 1 <= T <= MAX_T."""
+    T = K.shape[0]
+    if T > MAX_T:
+        raise ValueError(f"the simplex kernel handles T <= {MAX_T}, got T = {T}")
+    K = K.contiguous()
+    w = torch.empty(T, dtype=torch.float64 if K.dtype == torch.float64 else torch.float32,
+                    device=K.device)
+    block, bc, num_warps = _config(T)
+    eps = 4.0 * torch.finfo(w.dtype).eps  # rounding allowance, as in the torch reference
+    _min_norm_simplex_kernel[(1,)](K, w, T, max_iter, float(tol), eps, BLOCK=block, BC=bc,
+                                   REFRESH=_REFRESH, num_warps=num_warps)
+    return w
