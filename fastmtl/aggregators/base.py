@@ -85,7 +85,8 @@ class Aggregator:
     Class attributes a subclass may set:
     - ``requires_losses``: ``weights`` raises if ``losses`` is None.
     - ``fast_path``: "sum" or "mean" when w is constant, so that ``fm.mtl_backward`` can do
-      one backward of the summed (averaged) loss and never build per-task gradients.
+      one backward of the summed (averaged) loss and never build per-task gradients (a
+      subclass of Sum/Mean that changes the weights must set ``fast_path = None``).
     """
 
     requires_losses: ClassVar[bool] = False
@@ -123,3 +124,61 @@ class Aggregator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class StatefulAggregator(Aggregator):
+    """Base class for methods with state (EMAs, histories, previous weights, step counters).
+
+    The state is a dict of tensors on K's device, created by ``_init_state(K)`` on the first
+    call (and again when T changes; moved when K's device or floating dtype changes), plus
+    ``self.step``, a host-side Python int counting the calls (warm-ups and update periods branch
+    on it, never on tensor values, so there is no host sync). ``state_dict()`` returns copies;
+    ``load_state_dict()`` restores them (the tensors move to K's device on the next call);
+    ``reset()`` forgets them. Each ``weights()``/``__call__`` advances the state once, so
+    ``agg(G)`` and ``combine(agg.weights(gram(G)), G)`` agree only from the same state.
+    """
+
+    def __init__(self, *, check: bool | None = None) -> None:
+        super().__init__(check=check)
+        self._state: dict[str, Tensor] | None = None
+        self._num_tasks: int | None = None
+        self.step = 0
+
+    def _init_state(self, K: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _stateful_weights(self, K: Tensor, losses: Tensor | None,
+                          state: dict[str, Tensor]) -> Tensor:
+        """Weights from K with the state; update ``state`` in place (or reassign its keys)."""
+        raise NotImplementedError
+
+    def _state_for(self, K: Tensor) -> dict[str, Tensor]:
+        if self._state is None or self._num_tasks != K.shape[0]:
+            self._state, self._num_tasks, self.step = self._init_state(K), K.shape[0], 0
+        else:
+            for k, v in self._state.items():
+                dtype = K.dtype if v.is_floating_point() else v.dtype
+                if v.device != K.device or v.dtype != dtype:
+                    self._state[k] = v.to(device=K.device, dtype=dtype)
+        return self._state
+
+    def _weights(self, K: Tensor, losses: Tensor | None) -> Tensor:
+        w = self._stateful_weights(K, losses, self._state_for(K))
+        self.step += 1
+        return w
+
+    def state_dict(self) -> dict[str, Any]:
+        tensors = {} if self._state is None else {k: v.detach().clone()
+                                                  for k, v in self._state.items()}
+        return {"step": self.step, "num_tasks": self._num_tasks, "state": tensors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"step", "num_tasks", "state"}:
+            raise ValueError(f"{type(self).__name__}.load_state_dict expects keys "
+                             f"['num_tasks', 'state', 'step'], got {sorted(state)}")
+        self.step = int(state["step"])
+        self._num_tasks = state["num_tasks"]
+        self._state = {k: v.detach().clone() for k, v in state["state"].items()} or None
+
+    def reset(self) -> None:
+        self._state, self._num_tasks, self.step = None, None, 0

@@ -42,11 +42,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from fastmtl.aggregators.base import Aggregator
-from fastmtl.solvers import min_norm_simplex
+from fastmtl.solvers import floor_scales, gradient_norms, min_norm_simplex, scaled_gram
 
 __all__ = ["MGDA"]
 
@@ -90,7 +89,7 @@ class MGDA(Aggregator):
 
     def _normalizer(self, K: Tensor, losses: Tensor | None) -> Tensor:
         """D_ii before the floor: ‖g_i‖, |L_i| or |L_i| ‖g_i‖."""
-        norms = K.diagonal().clamp_min(0.0).sqrt()
+        norms = gradient_norms(K)
         if self.normalization == "l2":
             return norms
         assert losses is not None
@@ -101,12 +100,8 @@ class MGDA(Aggregator):
     def _weights(self, K: Tensor, losses: Tensor | None) -> Tensor:
         if self.normalization == "none":
             return min_norm_simplex(K, self.max_iter, self.tol)
-        D = self._normalizer(K, losses)
-        top = D.max()
-        D = torch.where(top > 0, torch.maximum(D, self.eps * top), 1.0)
-        # K̃ ∝ D⁻¹ K D⁻¹, scaled by min D² (α is scale-free) so that no entry can overflow.
-        r = D.min() / D
-        alpha = min_norm_simplex(K * r[:, None] * r[None, :], self.max_iter, self.tol)
+        D = floor_scales(self._normalizer(K, losses), self.eps)
+        alpha = min_norm_simplex(scaled_gram(K, D), self.max_iter, self.tol)
         return alpha / D if self.fold_normalization else alpha
 
     def __repr__(self) -> str:
