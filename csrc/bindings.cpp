@@ -7,6 +7,7 @@ namespace fastmtl {
 at::Tensor gram_cuda(const at::Tensor& G);                                      // gram.cu
 void combine_cuda(const at::Tensor& w, const at::Tensor& G, at::Tensor& out,  // combine.cu
                   bool accumulate);
+void project_cuda(const at::Tensor& C, const at::Tensor& G, at::Tensor& out);  // project.cu
 }  // namespace fastmtl
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -19,4 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = G^T w (accumulate=False) or out += G^T w (accumulate=True) for G (T, N), "
         "w (T,) in the accumulation dtype, out (N,) contiguous in G's or the accumulation "
         "dtype; accumulated in float32 (float64 for float64 G).");
+  m.def("project", &fastmtl::project_cuda, py::arg("C"), py::arg("G"), py::arg("out"),
+        "out = C G for G (T, N), C (T', T) in the accumulation dtype, out (T', N) with unit "
+        "stride along N in G's or the accumulation dtype (not overlapping G); one pass over G, "
+        "accumulated in float32 (float64 for float64 G).");
 }

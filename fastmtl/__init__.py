@@ -6,7 +6,8 @@ The pipeline: per-task gradients (``engine``) -> Gram matrix (``ops.gram``) -> w
 
 __version__ = "0.1.0"
 
-from fastmtl import aggregators, backend, engine, ops, solvers  # noqa: E402
+from fastmtl import aggregators, backend, engine, ops, optim, solvers, weighting  # noqa: E402
 from fastmtl.backward import mtl_backward  # noqa: E402
 
-__all__ = ["__version__", "aggregators", "backend", "engine", "mtl_backward", "ops", "solvers"]
+__all__ = ["__version__", "aggregators", "backend", "engine", "mtl_backward", "ops", "optim",
+           "solvers", "weighting"]

@@ -29,3 +29,7 @@ def gram(G: Tensor) -> Tensor:
 
 def combine(w: Tensor, G: Tensor, out: Tensor, accumulate: bool) -> None:
     _C.combine(w, G, out, accumulate)
+
+
+def project(C: Tensor, G: Tensor, out: Tensor) -> None:
+    _C.project(C, G, out)

@@ -29,3 +29,11 @@ def combine_error(d: torch.Tensor, w: torch.Tensor, G: torch.Tensor) -> float:
     ref = w64 @ G64
     scale = (w64.abs() @ G64.abs()).clamp_min(torch.finfo(torch.float64).tiny)
     return ((d.double() - ref).abs() / scale).max().item()
+
+
+def project_error(P: torch.Tensor, C: torch.Tensor, G: torch.Tensor) -> float:
+    """max_kn |P_kn - Σ_i C_ki G_in| / Σ_i |C_ki G_in| (with a floor for all-zero sums)."""
+    G64, C64 = G.double(), C.double()
+    ref = C64 @ G64
+    scale = (C64.abs() @ G64.abs()).clamp_min(torch.finfo(torch.float64).tiny)
+    return ((P.double() - ref).abs() / scale).max().item()

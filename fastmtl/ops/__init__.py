@@ -4,5 +4,13 @@ the Triton and CUDA implementations take the same arguments and ``fastmtl.backen
 
 from fastmtl.ops.combine import combine, combine_reference
 from fastmtl.ops.gram import gram, gram_reference
+from fastmtl.ops.project import project, project_reference
 
-__all__ = ["combine", "combine_reference", "gram", "gram_reference"]
+__all__ = [
+    "combine",
+    "combine_reference",
+    "gram",
+    "gram_reference",
+    "project",
+    "project_reference",
+]

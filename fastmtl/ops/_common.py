@@ -44,12 +44,28 @@ def check_coefficients(op: str, w: object, G: Tensor, name: str = "w") -> Tensor
     if w.dim() != 1 or w.shape[0] != G.shape[0]:
         raise ValueError(f"{op}: {name} must have shape ({G.shape[0]},) to match G of shape "
                          f"{tuple(G.shape)}, got {tuple(w.shape)}")
-    check_same_device(op, G, "G", w, name)
-    allowed = {G.dtype, acc_dtype(G.dtype)}
-    if w.dtype not in allowed:
-        raise TypeError(f"{op}: {name} has dtype {w.dtype} but G has dtype {G.dtype}; "
-                        f"expected one of {sorted(str(d) for d in allowed)}")
+    _check_coefficient_device_dtype(op, w, G, name)
     return w
+
+
+def check_coefficient_matrix(op: str, C: object, G: Tensor, name: str = "C") -> Tensor:
+    """Validate a (T', T) coefficient matrix for G (T, N), T' >= 1: same device, dtype G's or
+    the accumulation dtype (any strides)."""
+    if not isinstance(C, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(C).__name__}")
+    if C.dim() != 2 or C.shape[1] != G.shape[0] or C.shape[0] < 1:
+        raise ValueError(f"{op}: {name} must be 2-D of shape (T', {G.shape[0]}) with T' >= 1 "
+                         f"to match G of shape {tuple(G.shape)}, got {tuple(C.shape)}")
+    _check_coefficient_device_dtype(op, C, G, name)
+    return C
+
+
+def _check_coefficient_device_dtype(op: str, c: Tensor, G: Tensor, name: str) -> None:
+    check_same_device(op, G, "G", c, name)
+    allowed = {G.dtype, acc_dtype(G.dtype)}
+    if c.dtype not in allowed:
+        raise TypeError(f"{op}: {name} has dtype {c.dtype} but G has dtype {G.dtype}; "
+                        f"expected one of {sorted(str(d) for d in allowed)}")
 
 
 def check_out(op: str, out: object, G: Tensor, shape: tuple[int, ...]) -> Tensor:
