@@ -121,3 +121,25 @@ def test_weights_trace_without_graph_breaks(entry, T):
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     w = compiled(K, losses)
     torch.testing.assert_close(w, _weights(e, K, losses), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("entry", PARAMS)
+@pytest.mark.parametrize("T", [2, 5, 40])
+def test_no_host_sync_on_cuda(entry, T):
+    """weights() under torch.cuda.set_sync_debug_mode("error") (after a warm-up call that may
+    compile kernels): any .item()/.cpu()/data-dependent branch raises."""
+    e: Entry = entry
+    G, losses = _problem(T, 4 * T, seed=T, dtype=torch.float32)
+    K, losses = fm.ops.gram(G.cuda()), losses.cuda()
+    agg = e.make()
+    args = (losses,) if e.needs_losses else ()
+    agg.weights(K, *args)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        w = agg.weights(K, *args)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.isfinite(w).all()

@@ -50,7 +50,9 @@ def run(device: str, quick: bool) -> tuple[list[Row], float]:
                 rows += combine_cases(device, dtype, T, N)
     for T in (2, 10, 40):
         rows += mgda_cases(device, T)
-    rows += step_cases(device, T=10)
+    for method in ("MGDA", "UPGrad", "PCGrad", "CAGrad", "NashMTL"):
+        if hasattr(fm.aggregators, method):
+            rows += step_cases(device, method, T=10)
     _add_ratios(rows, floor)
     return rows, floor
 

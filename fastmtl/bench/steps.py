@@ -1,9 +1,10 @@
-"""End-to-end step benchmark: one MGDA step of a shared-MLP, T-head model.
+"""End-to-end step benchmark: one aggregation step of a shared-MLP, T-head model.
 
-Compared in one run: ``fm.mtl_backward`` (MGDA), torchjd's ``mtl_backward`` + ``jac_to_grad``
-(when installed), a LibMTL-style loop (per-task ``autograd.grad`` + ``torch.cat``, host-side
-Frank–Wolfe, per-parameter copy back) and the unitary-scalarization floor
-``sum(losses).backward()``.
+Compared in one run, for a method (MGDA, UPGrad, PCGrad, ...): ``fm.mtl_backward``, torchjd's
+``mtl_backward`` + ``jac_to_grad`` with its aggregator of the same name (when installed), a
+LibMTL-style loop (per-task ``autograd.grad`` + ``torch.cat``, the weights — for MGDA by
+host-side Frank–Wolfe as in Sener & Koltun's code, else fastmtl's — and a per-parameter copy
+back) and the unitary-scalarization floor ``sum(losses).backward()``.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def _losses(encoder, heads, x, y):
     return z, [nn.functional.mse_loss(h(z), y[:, i : i + 1]) for i, h in enumerate(heads)]
 
 
-def step_cases(device: str, T: int = 10, width: int = 256, depth: int = 3,
-               batch: int = 128) -> list[Row]:
+def step_cases(device: str, method: str = "MGDA", T: int = 10, width: int = 256,
+               depth: int = 3, batch: int = 128) -> list[Row]:
     torch.manual_seed(0)
     encoder, heads = _model(device, T, width, depth)
     shared = list(encoder.parameters())
@@ -45,27 +46,26 @@ def step_cases(device: str, T: int = 10, width: int = 256, depth: int = 3,
         torch.stack(losses).sum().backward()
 
     impls["sum(losses).backward()"] = sum_step
-    if hasattr(fm, "mtl_backward") and hasattr(fm.aggregators, "MGDA"):
-        agg = fm.aggregators.MGDA()
+    agg = getattr(fm.aggregators, method)()
 
-        def fastmtl_step():
-            _, losses = _losses(encoder, heads, x, y)
-            fm.mtl_backward(losses, shared, aggregator=agg)
+    def fastmtl_step():
+        _, losses = _losses(encoder, heads, x, y)
+        fm.mtl_backward(losses, shared, aggregator=agg)
 
-        impls["fastmtl MGDA"] = fastmtl_step
+    impls[f"fastmtl {method}"] = fastmtl_step
     try:
-        from torchjd.aggregation import MGDA as TorchjdMGDA
+        import torchjd.aggregation
         from torchjd.autojac import jac_to_grad, mtl_backward
 
-        tjd = TorchjdMGDA()
+        tjd = getattr(torchjd.aggregation, method)()
 
         def torchjd_step():
             z, losses = _losses(encoder, heads, x, y)
             mtl_backward(losses, features=z)
             jac_to_grad(shared, tjd)
 
-        impls["torchjd MGDA"] = torchjd_step
-    except ImportError:
+        impls[f"torchjd {method}"] = torchjd_step
+    except (ImportError, AttributeError):
         pass
 
     def loop_step():
@@ -73,8 +73,11 @@ def step_cases(device: str, T: int = 10, width: int = 256, depth: int = 3,
         rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(
             loss, shared, retain_graph=True)]) for loss in losses]
         G = torch.stack(rows)
-        w = torch.as_tensor(_numpy_frank_wolfe((G @ G.T).double().cpu().numpy()),
-                            dtype=G.dtype, device=G.device)
+        if method == "MGDA":
+            w = torch.as_tensor(_numpy_frank_wolfe((G @ G.T).double().cpu().numpy()),
+                                dtype=G.dtype, device=G.device)
+        else:
+            w = agg.weights(G @ G.T).to(G.dtype)
         d = w @ G
         offset = 0
         for p in shared:
@@ -95,5 +98,5 @@ def step_cases(device: str, T: int = 10, width: int = 256, depth: int = 3,
 
         return run
 
-    case = f"T={T} MLP {depth}x{width} batch {batch}"
+    case = f"{method} T={T} MLP {depth}x{width} batch {batch}"
     return _time_impls("step", case, device, {k: zero_then(f) for k, f in impls.items()}, None)
