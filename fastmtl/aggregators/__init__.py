@@ -9,19 +9,23 @@ from fastmtl.aggregators.gradvac import GradVac
 from fastmtl.aggregators.imtlg import IMTLG
 from fastmtl.aggregators.mean import Mean
 from fastmtl.aggregators.mgda import MGDA
+from fastmtl.aggregators.nash_mtl import NashMTL
 from fastmtl.aggregators.pcgrad import PCGrad
 from fastmtl.aggregators.sum import Sum
+from fastmtl.aggregators.upgrad import UPGrad
 
 __all__ = [
     "CDTT",
     "EDM",
     "IMTLG",
     "MGDA",
+    "UPGrad",
     "Aggregator",
     "AlignedMTL",
     "CAGrad",
     "GradVac",
     "Mean",
+    "NashMTL",
     "PCGrad",
     "StatefulAggregator",
     "Sum",

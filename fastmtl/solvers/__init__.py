@@ -5,6 +5,8 @@
 - ``surgery_coefficients``: PCGrad/GradVac sequential projections in coefficient space.
 - ``symmetric_eigh``: sync-free eigendecomposition (Aligned-MTL, IMTL-G).
 - ``cagrad_simplex``: CAGrad's inner problem on the simplex.
+- ``dual_cone_projection``/``upgrad_weights``: UPGrad's T non-negative QPs in one batch.
+- ``nash_bargaining``: Nash-MTL's Kα = 1/α.
 - ``gradient_norms``, ``floor_scales``, ``scaled_gram``: the Gram of normalised gradients.
 """
 
@@ -15,6 +17,13 @@ from fastmtl.solvers.eigh import (
     kept_eigenvalues,
     symmetric_eigh,
     symmetric_eigh_reference,
+)
+from fastmtl.solvers.nash import nash_bargaining, nash_bargaining_exact, nash_bargaining_reference
+from fastmtl.solvers.nnqp import (
+    dual_cone_projection,
+    dual_cone_projection_exact,
+    dual_cone_projection_reference,
+    upgrad_weights,
 )
 from fastmtl.solvers.scaling import floor_scales, gradient_norms, scaled_gram
 from fastmtl.solvers.simplex import (
@@ -31,6 +40,13 @@ __all__ = [
     "symmetric_eigh",
     "symmetric_eigh_reference",
     "central_coefficients",
+    "dual_cone_projection",
+    "dual_cone_projection_exact",
+    "dual_cone_projection_reference",
+    "nash_bargaining",
+    "nash_bargaining_exact",
+    "nash_bargaining_reference",
+    "upgrad_weights",
     "floor_scales",
     "gradient_norms",
     "min_norm_simplex",
