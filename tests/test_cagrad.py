@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import assert_compiles, assert_nonfinite_gram_gives_nan
 from conftest import device_backend_params
 
 from fastmtl.aggregators.cagrad import CAGrad
@@ -167,16 +168,11 @@ def test_traces_under_torch_compile(T):
     G = gradients(T, dtype=torch.float32)
     K = G @ G.T
     agg = CAGrad(steps=6)  # every step is a traced simplex solve: keep the graph short
-    compiled = torch.compile(agg.weights, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(K), agg.weights(K))
+    assert_compiles(agg, K)
 
 
 def test_nonfinite_gram_gives_nan_without_checks():
-    K = torch.eye(4)
-    K[0, 1] = K[1, 0] = float("nan")
-    assert torch.isnan(CAGrad(check=False).weights(K)).all()
-    with pytest.raises(ValueError, match="non-finite"):
-        CAGrad().weights(K)
+    assert_nonfinite_gram_gives_nan(CAGrad)
 
 
 def test_bad_arguments():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import DTYPES, OUT_DTYPES, acc, dtype_id, randn
 from _tolerances import RTOL, combine_error
 from conftest import device_backend_params
 
@@ -15,23 +16,8 @@ import fastmtl as fm
 from fastmtl.backend import use_backend
 
 PARAMS = device_backend_params()
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # 65 = the interpreter's BLOCK_N + 1; 2000 spans many column blocks with a ragged tail.
 SHAPES = [(T, N) for T in (1, 2, 3, 8, 64) for N in (1, 7, 65, 2000)]
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-_dtype_id = lambda d: str(d).removeprefix("torch.")
-# out= in G's dtype or in the accumulation dtype
-OUT_DTYPES = [(d, o) for d in DTYPES for o in dict.fromkeys([d, _acc(d)])]
-
-
-def _randn(*shape: int, dtype=torch.float32, device="cpu", seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 def _assert_close(d: torch.Tensor, w: torch.Tensor, G: torch.Tensor) -> None:
@@ -41,11 +27,11 @@ def _assert_close(d: torch.Tensor, w: torch.Tensor, G: torch.Tensor) -> None:
 
 @pytest.mark.kernels
 @pytest.mark.parametrize("T,N", SHAPES, ids=[f"T{T}-N{N}" for T, N in SHAPES])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_combine_values(device, backend, dtype, T, N):
-    G = _randn(T, N, dtype=dtype, device=device, seed=T * 10_000 + N)
-    w = _randn(T, dtype=_acc(dtype), device=device, seed=T)
+    G = randn(T, N, dtype=dtype, device=device, seed=T * 10_000 + N)
+    w = randn(T, dtype=acc(dtype), device=device, seed=T)
     with use_backend(backend):
         d = fm.ops.combine(w, G)
     assert d.shape == (N,) and d.dtype == dtype and d.device == G.device
@@ -53,15 +39,15 @@ def test_combine_values(device, backend, dtype, T, N):
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_combine_w_in_input_dtype(device, backend, dtype):
     """w in G's dtype gives exactly what the same values in the accumulation dtype give."""
-    G = _randn(5, 300, dtype=dtype, device=device, seed=1)
-    w = _randn(5, dtype=dtype, device=device, seed=2)
+    G = randn(5, 300, dtype=dtype, device=device, seed=1)
+    w = randn(5, dtype=dtype, device=device, seed=2)
     with use_backend(backend):
         d_low = fm.ops.combine(w, G)
-        d_acc = fm.ops.combine(w.to(_acc(dtype)), G)
+        d_acc = fm.ops.combine(w.to(acc(dtype)), G)
     assert torch.equal(d_low, d_acc)
     _assert_close(d_low, w, G)
 
@@ -69,14 +55,14 @@ def test_combine_w_in_input_dtype(device, backend, dtype):
 @pytest.mark.kernels
 @pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
 @pytest.mark.parametrize("dtype,odt", OUT_DTYPES,
-                         ids=[f"{_dtype_id(d)}-out_{_dtype_id(o)}" for d, o in OUT_DTYPES])
+                         ids=[f"{dtype_id(d)}-out_{dtype_id(o)}" for d, o in OUT_DTYPES])
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_combine_out_slice(device, backend, dtype, odt, accumulate):
     """out= a slice of a bigger flat buffer: the slice gets d (or out + d), the rest is intact."""
     T, N, lo = 3, 130, 5
-    G = _randn(T, N, dtype=dtype, device=device, seed=3)
-    w = _randn(T, dtype=_acc(dtype), device=device, seed=4)
-    buf = _randn(N + 13, dtype=odt, device=device, seed=5)
+    G = randn(T, N, dtype=dtype, device=device, seed=3)
+    w = randn(T, dtype=acc(dtype), device=device, seed=4)
+    buf = randn(N + 13, dtype=odt, device=device, seed=5)
     before = buf.clone()
     out = buf[lo : lo + N]
     with use_backend(backend):
@@ -93,8 +79,8 @@ def test_combine_out_slice(device, backend, dtype, odt, accumulate):
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_combine_accumulate_twice(device, backend):
     """out starts at zero; two accumulations of the same combination give 2 Gᵀw."""
-    G = _randn(8, 500, device=device, seed=6)
-    w = _randn(8, device=device, seed=7)
+    G = randn(8, 500, device=device, seed=6)
+    w = randn(8, device=device, seed=7)
     out = torch.zeros(500, device=device)
     with use_backend(backend):
         fm.ops.combine(w, G, out=out, accumulate=True)
@@ -111,13 +97,13 @@ def test_combine_accumulate_twice(device, backend):
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_combine_strided_input(device, backend, layout, T, N):
     if layout == "column_slice":  # row stride N + 9, unit stride along N
-        G = _randn(T, N + 9, device=device, seed=8)[:, 4 : 4 + N]
+        G = randn(T, N + 9, device=device, seed=8)[:, 4 : 4 + N]
         assert G.stride(0) == N + 9
     elif layout == "transposed":  # unit stride along T (copied, except N = 1 where it is kept)
-        G = _randn(N, T, device=device, seed=9).mT
+        G = randn(N, T, device=device, seed=9).mT
     else:  # row stride 0: the same row T times
-        G = _randn(1, N, device=device, seed=10).expand(T, N)
-    w = _randn(2 * T, device=device, seed=11)[::2]  # a strided w too
+        G = randn(1, N, device=device, seed=10).expand(T, N)
+    w = randn(2 * T, device=device, seed=11)[::2]  # a strided w too
     with use_backend(backend):
         d = fm.ops.combine(w, G)
     _assert_close(d, w, G)
@@ -126,8 +112,8 @@ def test_combine_strided_input(device, backend, layout, T, N):
 @pytest.mark.kernels
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_combine_deterministic(device, backend):
-    G = _randn(20, 3000, dtype=torch.bfloat16, device=device, seed=12)
-    w = _randn(20, device=device, seed=13)
+    G = randn(20, 3000, dtype=torch.bfloat16, device=device, seed=12)
+    w = randn(20, device=device, seed=13)
     with use_backend(backend):
         d1 = fm.ops.combine(w, G)
         d2 = fm.ops.combine(w.clone(), G.clone())
@@ -138,7 +124,7 @@ def test_combine_deterministic(device, backend):
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_combine_selects_rows(device, backend):
     """One-hot w returns that row exactly; w = 0 returns exact zeros."""
-    G = _randn(6, 150, device=device, seed=14)
+    G = randn(6, 150, device=device, seed=14)
     with use_backend(backend):
         for i in range(6):
             w = torch.zeros(6, device=device)
@@ -151,8 +137,8 @@ def test_combine_selects_rows(device, backend):
 @pytest.mark.kernels
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_combine_gradcheck(device, backend):
-    G = _randn(3, 10, dtype=torch.float64, device=device, seed=15).requires_grad_()
-    w = _randn(3, dtype=torch.float64, device=device, seed=16).requires_grad_()
+    G = randn(3, 10, dtype=torch.float64, device=device, seed=15).requires_grad_()
+    w = randn(3, dtype=torch.float64, device=device, seed=16).requires_grad_()
     with use_backend(backend):
         assert torch.autograd.gradcheck(fm.ops.combine, (w, G))
 
@@ -161,8 +147,8 @@ def test_combine_gradcheck(device, backend):
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_combine_out_under_no_grad(device, backend):
     """out= refuses autograd inputs only while grad mode is on."""
-    G = _randn(4, 70, device=device, seed=17).requires_grad_()
-    w = _randn(4, device=device, seed=18).requires_grad_()
+    G = randn(4, 70, device=device, seed=17).requires_grad_()
+    w = randn(4, device=device, seed=18).requires_grad_()
     out = torch.zeros(70, device=device)
     with use_backend(backend), torch.no_grad():
         fm.ops.combine(w, G, out=out)
@@ -173,8 +159,8 @@ def test_combine_out_under_no_grad(device, backend):
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_combine_compile(device, backend):
     torch._dynamo.reset()
-    G = _randn(6, 100, device=device, seed=19)
-    w = _randn(6, device=device, seed=20)
+    G = randn(6, 100, device=device, seed=19)
+    w = randn(6, device=device, seed=20)
 
     def step(w, G, out):
         d = fm.ops.combine(w, G)

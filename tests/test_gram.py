@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import DTYPES, acc, randn
 from _tolerances import RTOL, gram_error
 from conftest import device_backend_params
 
@@ -15,24 +16,14 @@ import fastmtl as fm
 from fastmtl.backend import use_backend
 
 PARAMS = device_backend_params()
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # 65 = the interpreter's BLOCK_N + 1; 2000 spans several N-chunks with a ragged tail.
 SHAPES = [(T, N) for T in (1, 2, 3, 8, 64) for N in (1, 7, 65, 2000)]
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _randn(*shape: int, dtype=torch.float32, device="cpu", seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 def _check(K: torch.Tensor, G: torch.Tensor) -> None:
     T = G.shape[0]
     assert K.shape == (T, T)
-    assert K.dtype == _acc(G.dtype)
+    assert K.dtype == acc(G.dtype)
     assert K.device == G.device
     assert torch.equal(K, K.mT), "K is not exactly symmetric"
     # K is fp32/fp64 whatever G's dtype: only accumulation error is allowed, not input rounding.
@@ -45,7 +36,7 @@ def _check(K: torch.Tensor, G: torch.Tensor) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_gram_values(device, backend, dtype, T, N):
-    G = _randn(T, N, dtype=dtype, device=device, seed=T * 10_000 + N)
+    G = randn(T, N, dtype=dtype, device=device, seed=T * 10_000 + N)
     with use_backend(backend):
         K = fm.ops.gram(G)
     _check(K, G)
@@ -56,7 +47,7 @@ def test_gram_values(device, backend, dtype, T, N):
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_gram_many_row_tiles(device, backend, dtype):
     """T beyond one row tile on every configuration (off-diagonal tile pairs, ragged tile)."""
-    G = _randn(130, 70, dtype=dtype, device=device, seed=1)
+    G = randn(130, 70, dtype=dtype, device=device, seed=1)
     with use_backend(backend):
         K = fm.ops.gram(G)
     _check(K, G)
@@ -68,12 +59,12 @@ def test_gram_many_row_tiles(device, backend, dtype):
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_gram_strided_input(device, backend, layout, T, N):
     if layout == "column_slice":  # row stride N + 9, unit stride along N
-        G = _randn(T, N + 9, device=device, seed=2)[:, 4 : 4 + N]
+        G = randn(T, N + 9, device=device, seed=2)[:, 4 : 4 + N]
         assert G.stride(0) == N + 9
     elif layout == "transposed":  # unit stride along T (copied, except N = 1 where it is kept)
-        G = _randn(N, T, device=device, seed=3).mT
+        G = randn(N, T, device=device, seed=3).mT
     else:  # row stride 0: the same row T times
-        G = _randn(1, N, device=device, seed=4).expand(T, N)
+        G = randn(1, N, device=device, seed=4).expand(T, N)
     with use_backend(backend):
         K = fm.ops.gram(G)
     _check(K, G)
@@ -82,7 +73,7 @@ def test_gram_strided_input(device, backend, layout, T, N):
 @pytest.mark.kernels
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_gram_deterministic(device, backend):
-    G = _randn(20, 3000, device=device, seed=5)
+    G = randn(20, 3000, device=device, seed=5)
     with use_backend(backend):
         K1 = fm.ops.gram(G)
         K2 = fm.ops.gram(G.clone())
@@ -106,7 +97,7 @@ def test_gram_orthogonal_rows(device, backend):
 @pytest.mark.kernels
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_gram_gradcheck(device, backend):
-    G = _randn(3, 10, dtype=torch.float64, device=device, seed=6).requires_grad_()
+    G = randn(3, 10, dtype=torch.float64, device=device, seed=6).requires_grad_()
     with use_backend(backend):
         assert torch.autograd.gradcheck(fm.ops.gram, (G,))
         assert torch.autograd.gradgradcheck(fm.ops.gram, (G,))
@@ -117,8 +108,8 @@ def test_gram_gradcheck(device, backend):
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_gram_grad_dtype(device, backend, dtype):
     """The gradient of a half input is in its dtype and equals (dK + dKᵀ) G."""
-    G = _randn(4, 50, dtype=dtype, device=device, seed=7).requires_grad_()
-    dK = _randn(4, 4, device=device, seed=8)
+    G = randn(4, 50, dtype=dtype, device=device, seed=7).requires_grad_()
+    dK = randn(4, 4, device=device, seed=8)
     with use_backend(backend):
         (fm.ops.gram(G) * dK).sum().backward()
     assert G.grad.dtype == dtype
@@ -130,7 +121,7 @@ def test_gram_grad_dtype(device, backend, dtype):
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_gram_compile(device, backend):
     torch._dynamo.reset()
-    G = _randn(6, 100, device=device, seed=9)
+    G = randn(6, 100, device=device, seed=9)
     with use_backend(backend):
         compiled = torch.compile(fm.ops.gram, fullgraph=True, backend="aot_eager")
         K = compiled(G)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import assert_compiles, assert_nonfinite_gram_gives_nan
 from conftest import device_backend_params
 
 from fastmtl.aggregators.imtlg import IMTLG
@@ -145,16 +146,11 @@ def test_traces_under_torch_compile(T):
     G = gradients(T, dtype=torch.float32)
     K = G @ G.T
     agg = IMTLG()
-    compiled = torch.compile(agg.weights, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(K), agg.weights(K))
+    assert_compiles(agg, K)
 
 
 def test_nonfinite_gram_gives_nan_without_checks():
-    K = torch.eye(4)
-    K[0, 1] = K[1, 0] = float("nan")
-    assert torch.isnan(IMTLG(check=False).weights(K)).all()
-    with pytest.raises(ValueError, match="non-finite"):
-        IMTLG().weights(K)
+    assert_nonfinite_gram_gives_nan(IMTLG)
 
 
 def test_bad_arguments():

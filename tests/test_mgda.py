@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import assert_compiles, assert_nonfinite_gram_gives_nan
 from conftest import device_backend_params
 
 import fastmtl as fm
@@ -167,16 +168,11 @@ def test_traces_under_torch_compile(T, normalization):
     G, losses = problem(T, seed=8, dtype=torch.float32)
     K = G @ G.T
     agg = fm.aggregators.MGDA(normalization)
-    compiled = torch.compile(agg.weights, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(K, losses), agg.weights(K, losses))
+    assert_compiles(agg, K, losses)
 
 
 def test_nonfinite_gram_gives_nan_without_checks():
-    K = torch.eye(4)
-    K[0, 1] = K[1, 0] = float("nan")
-    assert torch.isnan(fm.aggregators.MGDA(check=False).weights(K)).all()
-    with pytest.raises(ValueError, match="non-finite"):
-        fm.aggregators.MGDA().weights(K)
+    assert_nonfinite_gram_gives_nan(fm.aggregators.MGDA)
 
 
 def test_bad_arguments():

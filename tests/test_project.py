@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import DTYPES, OUT_DTYPES, acc, dtype_id, randn
 from _tolerances import RTOL, project_error
 from conftest import device_backend_params
 
@@ -15,26 +16,11 @@ import fastmtl as fm
 from fastmtl.backend import use_backend
 
 PARAMS = device_backend_params()
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # T' in {1, T, 2T+1}: one row, the PCGrad/GradVac square case, and more rows than tasks (beyond
 # one row tile at T = 64). 257 = the interpreter's BLOCK_N + 1; 2000 spans many column blocks
 # with a ragged tail.
 SHAPES = [(T, TP, N) for T in (1, 2, 3, 8, 64) for TP in dict.fromkeys((1, T, 2 * T + 1))
           for N in (1, 7, 257, 2000)]
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-_dtype_id = lambda d: str(d).removeprefix("torch.")
-# out= in G's dtype or in the accumulation dtype
-OUT_DTYPES = [(d, o) for d in DTYPES for o in dict.fromkeys([d, _acc(d)])]
-
-
-def _randn(*shape: int, dtype=torch.float32, device="cpu", seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 def _assert_close(P: torch.Tensor, C: torch.Tensor, G: torch.Tensor) -> None:
@@ -44,11 +30,11 @@ def _assert_close(P: torch.Tensor, C: torch.Tensor, G: torch.Tensor) -> None:
 
 @pytest.mark.kernels
 @pytest.mark.parametrize("T,TP,N", SHAPES, ids=[f"T{T}-TP{TP}-N{N}" for T, TP, N in SHAPES])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_project_values(device, backend, dtype, T, TP, N):
-    G = _randn(T, N, dtype=dtype, device=device, seed=T * 10_000 + N)
-    C = _randn(TP, T, dtype=_acc(dtype), device=device, seed=T * 1000 + TP)
+    G = randn(T, N, dtype=dtype, device=device, seed=T * 10_000 + N)
+    C = randn(TP, T, dtype=acc(dtype), device=device, seed=T * 1000 + TP)
     with use_backend(backend):
         P = fm.ops.project(C, G)
     assert P.shape == (TP, N) and P.dtype == dtype and P.device == G.device
@@ -57,29 +43,29 @@ def test_project_values(device, backend, dtype, T, TP, N):
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_project_c_in_input_dtype(device, backend, dtype):
     """C in G's dtype gives exactly what the same values in the accumulation dtype give."""
-    G = _randn(5, 300, dtype=dtype, device=device, seed=1)
-    C = _randn(7, 5, dtype=dtype, device=device, seed=2)
+    G = randn(5, 300, dtype=dtype, device=device, seed=1)
+    C = randn(7, 5, dtype=dtype, device=device, seed=2)
     with use_backend(backend):
         P_low = fm.ops.project(C, G)
-        P_acc = fm.ops.project(C.to(_acc(dtype)), G)
+        P_acc = fm.ops.project(C.to(acc(dtype)), G)
     assert torch.equal(P_low, P_acc)
     _assert_close(P_low, C, G)
 
 
 @pytest.mark.kernels
 @pytest.mark.parametrize("dtype,odt", OUT_DTYPES,
-                         ids=[f"{_dtype_id(d)}-out_{_dtype_id(o)}" for d, o in OUT_DTYPES])
+                         ids=[f"{dtype_id(d)}-out_{dtype_id(o)}" for d, o in OUT_DTYPES])
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_project_out_slice(device, backend, dtype, odt):
     """out= a (T', N) view of a slice of a bigger flat buffer: it gets C G, the rest is intact."""
     T, TP, N, lo = 3, 4, 130, 5
-    G = _randn(T, N, dtype=dtype, device=device, seed=3)
-    C = _randn(TP, T, dtype=_acc(dtype), device=device, seed=4)
-    buf = _randn(TP * N + 13, dtype=odt, device=device, seed=5)
+    G = randn(T, N, dtype=dtype, device=device, seed=3)
+    C = randn(TP, T, dtype=acc(dtype), device=device, seed=4)
+    buf = randn(TP * N + 13, dtype=odt, device=device, seed=5)
     before = buf.clone()
     out = buf[lo : lo + TP * N].view(TP, N)
     with use_backend(backend):
@@ -99,13 +85,13 @@ def test_project_out_slice(device, backend, dtype, odt):
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_project_strided_input(device, backend, layout, T, TP, N):
     if layout == "column_slice":  # row stride N + 9, unit stride along N
-        G = _randn(T, N + 9, device=device, seed=8)[:, 4 : 4 + N]
+        G = randn(T, N + 9, device=device, seed=8)[:, 4 : 4 + N]
         assert G.stride(0) == N + 9
     elif layout == "transposed":  # unit stride along T (copied, except N = 1 where it is kept)
-        G = _randn(N, T, device=device, seed=9).mT
+        G = randn(N, T, device=device, seed=9).mT
     else:  # row stride 0: the same row T times
-        G = _randn(1, N, device=device, seed=10).expand(T, N)
-    C = _randn(T, 2 * TP, device=device, seed=11).mT[::2]  # C with strides (2, 2 * TP)
+        G = randn(1, N, device=device, seed=10).expand(T, N)
+    C = randn(T, 2 * TP, device=device, seed=11).mT[::2]  # C with strides (2, 2 * TP)
     assert not C.is_contiguous()
     with use_backend(backend):
         P = fm.ops.project(C, G)
@@ -115,8 +101,8 @@ def test_project_strided_input(device, backend, layout, T, TP, N):
 @pytest.mark.kernels
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_project_deterministic(device, backend):
-    G = _randn(20, 3000, dtype=torch.bfloat16, device=device, seed=12)
-    C = _randn(41, 20, device=device, seed=13)
+    G = randn(20, 3000, dtype=torch.bfloat16, device=device, seed=12)
+    C = randn(41, 20, device=device, seed=13)
     with use_backend(backend):
         P1 = fm.ops.project(C, G)
         P2 = fm.ops.project(C.clone(), G.clone())
@@ -129,7 +115,7 @@ def test_project_deterministic(device, backend):
 def test_project_selects_rows(device, backend, dtype):
     """Identity C returns G exactly, a permutation permutes its rows, C = 0 gives exact zeros."""
     T, N = 6, 150
-    G = _randn(T, N, dtype=dtype, device=device, seed=14)
+    G = randn(T, N, dtype=dtype, device=device, seed=14)
     perm = torch.tensor([3, 0, 5, 1, 1, 4, 2, 0])  # repeats: a selection, T' = 8
     eye = torch.eye(T, device=device)
     with use_backend(backend):
@@ -142,21 +128,21 @@ def test_project_selects_rows(device, backend, dtype):
 @pytest.mark.kernels
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_project_gradcheck(device, backend):
-    G = _randn(2, 5, dtype=torch.float64, device=device, seed=15).requires_grad_()
-    C = _randn(3, 2, dtype=torch.float64, device=device, seed=16).requires_grad_()
+    G = randn(2, 5, dtype=torch.float64, device=device, seed=15).requires_grad_()
+    C = randn(3, 2, dtype=torch.float64, device=device, seed=16).requires_grad_()
     with use_backend(backend):
         assert torch.autograd.gradcheck(fm.ops.project, (C, G))
         assert torch.autograd.gradgradcheck(fm.ops.project, (C, G))
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("cdt", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("cdt", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_project_grad_dtype(device, backend, cdt):
     """Half G: dG in G's dtype = Cᵀ dP, dC in C's dtype = dP Gᵀ (computed in float32)."""
-    G = _randn(4, 50, dtype=torch.bfloat16, device=device, seed=17).requires_grad_()
-    C = _randn(5, 4, dtype=cdt, device=device, seed=18).requires_grad_()
-    dP = _randn(5, 50, device=device, seed=19)
+    G = randn(4, 50, dtype=torch.bfloat16, device=device, seed=17).requires_grad_()
+    C = randn(5, 4, dtype=cdt, device=device, seed=18).requires_grad_()
+    dP = randn(5, 50, device=device, seed=19)
     with use_backend(backend):
         (fm.ops.project(C, G) * dP).sum().backward()
     dP_in = dP.to(torch.bfloat16).double()  # P is bf16, so the incoming gradient is too
@@ -172,8 +158,8 @@ def test_project_grad_dtype(device, backend, cdt):
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_project_out_under_no_grad(device, backend):
     """out= refuses autograd inputs only while grad mode is on."""
-    G = _randn(4, 70, device=device, seed=20).requires_grad_()
-    C = _randn(4, 4, device=device, seed=21).requires_grad_()
+    G = randn(4, 70, device=device, seed=20).requires_grad_()
+    C = randn(4, 4, device=device, seed=21).requires_grad_()
     out = torch.zeros(4, 70, device=device)
     with use_backend(backend), torch.no_grad():
         fm.ops.project(C, G, out=out)
@@ -184,8 +170,8 @@ def test_project_out_under_no_grad(device, backend):
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_project_compile(device, backend):
     torch._dynamo.reset()
-    G = _randn(6, 100, device=device, seed=22)
-    C = _randn(6, 6, device=device, seed=23)
+    G = randn(6, 100, device=device, seed=22)
+    C = randn(6, 6, device=device, seed=23)
 
     def step(C, G, out):
         P = fm.ops.project(C, G)
@@ -206,9 +192,9 @@ def test_project_compile(device, backend):
 def test_project_compile_backward(device, backend):
     """The registered backward traces too (aot_eager compiles the backward graph)."""
     torch._dynamo.reset()
-    G = _randn(3, 40, device=device, seed=24)
-    C = _randn(5, 3, device=device, seed=25)
-    weight = _randn(5, 40, device=device, seed=26)
+    G = randn(3, 40, device=device, seed=24)
+    C = randn(5, 3, device=device, seed=25)
+    weight = randn(5, 40, device=device, seed=26)
 
     def loss(C, G):
         return (fm.ops.project(C, G) * weight).sum()

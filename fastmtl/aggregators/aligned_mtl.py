@@ -41,6 +41,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fastmtl._checks import check_choice, check_int, check_number
 from fastmtl.aggregators.base import Aggregator
 from fastmtl.solvers.eigh import MAX_SWEEPS, kept_eigenvalues, symmetric_eigh
 
@@ -79,13 +80,9 @@ class AlignedMTL(Aggregator):
                  check: bool | None = None) -> None:
         super().__init__(check=check)
         self.pref = _preferences(pref)
-        if scale not in _SCALES:
-            raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
-        if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float))
-                                 or not 0 <= rtol < 1):
-            raise ValueError(f"rtol must be None or a number in [0, 1), got {rtol!r}")
-        if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
-            raise ValueError(f"max_sweeps must be an integer >= 1, got {max_sweeps!r}")
+        check_choice("scale", scale, _SCALES)
+        check_number("rtol", rtol, low=0, high=1, high_open=True, none_ok=True)
+        check_int("max_sweeps", max_sweeps)
         self.scale = scale
         self.rtol = None if rtol is None else float(rtol)
         self.max_sweeps = max_sweeps

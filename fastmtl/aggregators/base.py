@@ -26,27 +26,17 @@ import torch
 from torch import Tensor
 
 from fastmtl import ops
+from fastmtl._checks import checking_values
+from fastmtl.solvers._common import check_square
 
 LossesLike = Tensor | Sequence[Tensor] | None
 
 
-def _checking_values(check: bool | None, t: Tensor) -> bool:
-    if check is not None:
-        return check
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def check_gram(K: object, check: bool | None = None, symmetry_rtol: float = 1e-4) -> Tensor:
     """Validate a Gram matrix: a square (T, T) floating tensor, T >= 1; values per ``check``."""
-    if not isinstance(K, Tensor):
-        raise TypeError(f"K must be a torch.Tensor, got {type(K).__name__}")
-    if K.dim() != 2 or K.shape[0] != K.shape[1] or K.shape[0] < 1:
-        raise ValueError(f"K must be a square (T, T) matrix with T >= 1, "
-                         f"got shape {tuple(K.shape)}")
-    if not K.is_floating_point():
-        raise TypeError(f"K must be a floating tensor, got {K.dtype}")
+    K = check_square(K)
     # One reduction covers both: a NaN/inf entry makes max|K − Kᵀ| NaN or inf, which fails <=.
-    if _checking_values(check, K) and not bool(
+    if checking_values(check, K) and not bool(
         (K - K.mT).abs().max() <= symmetry_rtol * K.diagonal().abs().max()
     ):
         if not bool(torch.isfinite(K).all()):
@@ -75,7 +65,7 @@ def check_losses(losses: LossesLike, K: Tensor, check: bool | None = None) -> Te
     if losses.device != K.device:
         raise ValueError(f"losses are on {losses.device} but K is on {K.device}")
     losses = losses.detach().to(K.dtype)
-    if _checking_values(check, losses) and not bool(torch.isfinite(losses).all()):
+    if checking_values(check, losses) and not bool(torch.isfinite(losses).all()):
         raise ValueError("losses have non-finite entries")
     return losses
 

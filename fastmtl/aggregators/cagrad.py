@@ -36,28 +36,14 @@ Departures and conventions:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from fastmtl._checks import check_int, check_number
 from fastmtl.aggregators.base import Aggregator
 from fastmtl.solvers.cagrad import cagrad_simplex
 
 __all__ = ["CAGrad"]
-
-
-def _positive_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def _nonnegative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 class CAGrad(Aggregator):
@@ -79,14 +65,14 @@ class CAGrad(Aggregator):
                  tol: float = 1e-6, norm_eps: float = 1e-4, *,
                  check: bool | None = None) -> None:
         super().__init__(check=check)
-        self.c = _nonnegative("c", c)
+        self.c = check_number("c", c, low=0)
         if rescale not in (0, 1, 2) or isinstance(rescale, bool):
             raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}")
         self.rescale = rescale
-        self.steps = _positive_int("steps", steps, 0)
-        self.max_iter = _positive_int("max_iter", max_iter, 1)
-        self.tol = _nonnegative("tol", tol)
-        self.norm_eps = _nonnegative("norm_eps", norm_eps)
+        self.steps = check_int("steps", steps, 0)
+        self.max_iter = check_int("max_iter", max_iter)
+        self.tol = check_number("tol", tol, low=0)
+        self.norm_eps = check_number("norm_eps", norm_eps, low=0)
 
     def _weights(self, K: Tensor, losses: Tensor | None) -> Tensor:
         T = K.shape[0]

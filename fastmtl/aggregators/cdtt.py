@@ -55,6 +55,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastmtl._checks import check_int, check_number
 from fastmtl.aggregators.base import StatefulAggregator
 from fastmtl.solvers.central import central_coefficients
 from fastmtl.solvers.scaling import gradient_norms
@@ -110,17 +111,11 @@ class CDTT(StatefulAggregator):
     def __init__(self, alpha: float = 0.3, window: int = 10, max_iter: int = 1000,
                  tol: float = 1e-6, eps: float = 1e-8, *, check: bool | None = None) -> None:
         super().__init__(check=check)
-        if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                or not math.isfinite(alpha) or not 0 <= alpha <= 1):
-            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {window!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-        if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-            raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-        if not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+        check_number("alpha", alpha, low=0, high=1)
+        check_int("window", window)
+        check_int("max_iter", max_iter)
+        check_number("tol", tol, low=0, bool_ok=True)
+        check_number("eps", eps, low=0, high=1, low_open=True, high_open=True)
         self.alpha = float(alpha)
         self.window = window
         self.max_iter = max_iter

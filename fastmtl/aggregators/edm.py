@@ -33,10 +33,9 @@ same QP by Frank–Wolfe on the normalised gradients and applies γ as here.
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
+from fastmtl._checks import check_int, check_number
 from fastmtl.aggregators.base import Aggregator
 from fastmtl.solvers.central import central_coefficients
 
@@ -57,12 +56,9 @@ class EDM(Aggregator):
     def __init__(self, max_iter: int = 1000, tol: float = 1e-6, eps: float = 1e-8, *,
                  check: bool | None = None) -> None:
         super().__init__(check=check)
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-        if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-            raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-        if not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+        check_int("max_iter", max_iter)
+        check_number("tol", tol, low=0, bool_ok=True)
+        check_number("eps", eps, low=0, high=1, low_open=True, high_open=True)
         self.max_iter = max_iter
         self.tol = float(tol)
         self.eps = float(eps)

@@ -42,11 +42,10 @@ Departures and conventions:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from fastmtl._checks import check_number
 from fastmtl.aggregators.pcgrad import SurgeryAggregator
 from fastmtl.solvers.surgery import surgery_coefficients
 
@@ -68,9 +67,7 @@ class GradVac(SurgeryAggregator):
 
     def __init__(self, beta: float = 0.01, seed: int | None = None, reduction: str = "sum",
                  return_projected: bool = False, *, check: bool | None = None) -> None:
-        if (isinstance(beta, bool) or not isinstance(beta, (int, float))
-                or not math.isfinite(beta) or not 0 <= beta <= 1):
-            raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+        check_number("beta", beta, low=0, high=1)
         super().__init__(seed, reduction, return_projected, check=check)
         self.beta = float(beta)
 

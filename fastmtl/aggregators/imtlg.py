@@ -44,11 +44,10 @@ Kurin et al. (2022) add 1e-6·I before inverting.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from fastmtl._checks import check_int, check_number
 from fastmtl.aggregators.base import Aggregator
 from fastmtl.solvers.eigh import MAX_SWEEPS, kept_eigenvalues, symmetric_eigh
 from fastmtl.solvers.scaling import floor_scales, gradient_norms, scaled_gram
@@ -69,10 +68,8 @@ class IMTLG(Aggregator):
     def __init__(self, eps: float = 1e-8, max_sweeps: int = MAX_SWEEPS, *,
                  check: bool | None = None) -> None:
         super().__init__(check=check)
-        if not isinstance(eps, (int, float)) or not 0 < eps < 1 or not math.isfinite(eps):
-            raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
-        if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
-            raise ValueError(f"max_sweeps must be an integer >= 1, got {max_sweeps!r}")
+        check_number("eps", eps, low=0, high=1, low_open=True, high_open=True)
+        check_int("max_sweeps", max_sweeps)
         self.eps = float(eps)
         self.max_sweeps = max_sweeps
 

@@ -40,10 +40,9 @@ Departures and conventions:
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
+from fastmtl._checks import check_bool, check_choice, check_int, check_number
 from fastmtl.aggregators.base import Aggregator
 from fastmtl.solvers import floor_scales, gradient_norms, min_norm_simplex, scaled_gram
 
@@ -69,17 +68,11 @@ class MGDA(Aggregator):
                  eps: float = 1e-8, fold_normalization: bool = True, *,
                  check: bool | None = None) -> None:
         super().__init__(check=check)
-        if normalization not in _NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, "
-                             f"got {normalization!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-        if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-            raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-        if not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
-        if not isinstance(fold_normalization, bool):
-            raise ValueError(f"fold_normalization must be a bool, got {fold_normalization!r}")
+        check_choice("normalization", normalization, _NORMALIZATIONS)
+        check_int("max_iter", max_iter)
+        check_number("tol", tol, low=0, bool_ok=True)
+        check_number("eps", eps, low=0, high=1, low_open=True, high_open=True)
+        check_bool("fold_normalization", fold_normalization)
         self.normalization = normalization
         self.max_iter = max_iter
         self.tol = float(tol)

@@ -52,6 +52,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastmtl._checks import check_int, check_number
 from fastmtl.aggregators.base import StatefulAggregator
 from fastmtl.solvers.nash import nash_bargaining
 
@@ -76,12 +77,9 @@ class NashMTL(StatefulAggregator):
                 or math.isnan(max_norm):
             raise ValueError(f"max_norm must be a number (<= 0 disables the clip), "
                              f"got {max_norm!r}")
-        for name, value in (("update_weights_every", update_weights_every),
-                            ("max_iter", max_iter)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not 0 < reg < 1:
-            raise ValueError(f"reg must be a number in (0, 1), got {reg!r}")
+        check_int("update_weights_every", update_weights_every)
+        check_int("max_iter", max_iter)
+        check_number("reg", reg, low=0, high=1, low_open=True, high_open=True)
         self.max_norm = float(max_norm)
         self.update_weights_every = update_weights_every
         self.max_iter = max_iter

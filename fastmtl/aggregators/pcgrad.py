@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from fastmtl import ops
+from fastmtl._checks import check_bool, check_choice, check_seed
 from fastmtl.aggregators.base import LossesLike, StatefulAggregator, check_gram, check_losses
 from fastmtl.solvers.surgery import surgery_coefficients, task_orders
 
@@ -63,14 +64,9 @@ class SurgeryAggregator(StatefulAggregator):
     def __init__(self, seed: int | None = None, reduction: str = "sum",
                  return_projected: bool = False, *, check: bool | None = None) -> None:
         super().__init__(check=check)
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        if not isinstance(return_projected, bool):
-            raise ValueError(f"return_projected must be a bool, got {return_projected!r}")
+        seed = check_seed(seed)
+        check_choice("reduction", reduction, _REDUCTIONS)
+        check_bool("return_projected", return_projected)
         self.seed = seed
         self.reduction = reduction
         self.return_projected = return_projected

@@ -43,23 +43,16 @@ K̃ = ε_r I then.) ``pref`` plays the part of torchjd's ``pref_vector``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from fastmtl._checks import check_int, check_number
 from fastmtl.aggregators.base import Aggregator
 from fastmtl.solvers.nnqp import dual_cone_projection, normalized_gram, upgrad_weights
 
 __all__ = ["UPGrad"]
-
-
-def _number(name: str, value: object, low: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value < low:
-        raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
-    return float(value)
 
 
 class UPGrad(Aggregator):
@@ -79,13 +72,11 @@ class UPGrad(Aggregator):
                  reg_eps: float = 1e-4, max_iter: int | None = None, *,
                  check: bool | None = None) -> None:
         super().__init__(check=check)
-        self.norm_eps = _number("norm_eps", norm_eps)
-        self.reg_eps = _number("reg_eps", reg_eps)
+        self.norm_eps = check_number("norm_eps", norm_eps, low=0.0)
+        self.reg_eps = check_number("reg_eps", reg_eps, low=0.0)
         if self.reg_eps == 0:
             raise ValueError(f"reg_eps must be > 0 (it makes K̃ positive definite), got {reg_eps!r}")
-        if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int)
-                                     or max_iter < 1):
-            raise ValueError(f"max_iter must be None or an integer >= 1, got {max_iter!r}")
+        check_int("max_iter", max_iter, none_ok=True)
         self.max_iter = max_iter
         self.pref: Tensor | None = None
         if pref is not None:

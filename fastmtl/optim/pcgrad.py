@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fastmtl._checks import check_choice, check_seed
 from fastmtl.engine.base import check_engine_name, check_losses_list
 from fastmtl.engine.task_gradients import TaskGradients
 from fastmtl.optim.mtl_optimizer import OptimizerWrapper
@@ -93,12 +94,8 @@ class PCGrad(OptimizerWrapper):
     def __init__(self, optimizer: Optimizer, reduction: str = "mean", seed: int | None = None,
                  engine: str = "auto") -> None:
         super().__init__(optimizer)
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        check_choice("reduction", reduction, _REDUCTIONS)
+        seed = check_seed(seed)
         self._reduction = reduction
         self.seed = seed
         self.engine = check_engine_name(engine)

@@ -41,11 +41,11 @@ F(w) − min F): at most 1e-13 with ``steps`` = 24 (the default), 4e-6 with 16, 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from fastmtl._checks import check_int, check_number
+from fastmtl.solvers._common import check_square
 from fastmtl.solvers.simplex import min_norm_simplex
 
 __all__ = ["cagrad_simplex"]
@@ -54,17 +54,9 @@ _GUARD = 1e-3
 
 
 def _check(K: object, c: object, steps: object) -> Tensor:
-    if not isinstance(K, Tensor):
-        raise TypeError(f"cagrad_simplex: K must be a torch.Tensor, got {type(K).__name__}")
-    if K.dim() != 2 or K.shape[0] != K.shape[1] or K.shape[0] < 1:
-        raise ValueError("cagrad_simplex: K must be a square (T, T) matrix with T >= 1, "
-                         f"got shape {tuple(K.shape)}")
-    if not K.is_floating_point():
-        raise TypeError(f"cagrad_simplex: K must be a floating tensor, got {K.dtype}")
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
-        raise ValueError(f"cagrad_simplex: c must be a finite number >= 0, got {c!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"cagrad_simplex: steps must be an integer >= 0, got {steps!r}")
+    K = check_square(K, "cagrad_simplex")
+    check_number("c", c, low=0, who="cagrad_simplex")
+    check_int("steps", steps, 0, who="cagrad_simplex")
     return K.detach()
 
 

@@ -45,7 +45,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastmtl import backend
+from fastmtl._checks import check_int
+from fastmtl.ops._common import acc_dtype
+from fastmtl.solvers._common import check_square, solver_path
 
 __all__ = ["MAX_SWEEPS", "kept_eigenvalues", "symmetric_eigh", "symmetric_eigh_reference"]
 
@@ -54,21 +56,9 @@ _KERNEL_MAX_T = 128  # = fastmtl.kernels.eigh.MAX_T (not imported: that imports 
 _FLOOR = 1e-2  # absolute rotation floor, in units of ε · max_i |K_ii|
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check(K: object, max_sweeps: object) -> Tensor:
-    if not isinstance(K, Tensor):
-        raise TypeError(f"symmetric_eigh: K must be a torch.Tensor, got {type(K).__name__}")
-    if K.dim() != 2 or K.shape[0] != K.shape[1] or K.shape[0] < 1:
-        raise ValueError("symmetric_eigh: K must be a square (T, T) matrix with T >= 1, "
-                         f"got shape {tuple(K.shape)}")
-    if not K.is_floating_point():
-        raise TypeError(f"symmetric_eigh: K must be a floating tensor, got {K.dtype}")
-    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
-        raise ValueError(f"symmetric_eigh: max_sweeps must be an integer >= 1, "
-                         f"got {max_sweeps!r}")
+    K = check_square(K, "symmetric_eigh")
+    check_int("max_sweeps", max_sweeps, 1, who="symmetric_eigh")
     return K.detach()
 
 
@@ -88,7 +78,7 @@ def symmetric_eigh_reference(K: Tensor, max_sweeps: int = MAX_SWEEPS) -> tuple[T
     (no data-dependent Python branch: traceable, sync-free on any device): the spec of the
     Triton kernel. Returns (λ ascending, V) in the work dtype."""
     K = _check(K, max_sweeps)
-    dt = _work_dtype(K.dtype)
+    dt = acc_dtype(K.dtype)
     T = K.shape[0]
     M = T + T % 2
     A = K.new_zeros((M, M), dtype=dt)
@@ -129,7 +119,7 @@ def _nan_if_not_finite(lam: Tensor, V: Tensor, K: Tensor) -> tuple[Tensor, Tenso
 
 def _lapack(K: Tensor) -> tuple[Tensor, Tensor]:
     """torch.linalg.eigh of the symmetric part (CPU); a non-finite K gives NaN, never raises."""
-    A = K.to(_work_dtype(K.dtype))
+    A = K.to(acc_dtype(K.dtype))
     A = 0.5 * (A + A.mT)
     lam, V = torch.linalg.eigh(torch.where(torch.isfinite(A), A, 0.0))
     return _nan_if_not_finite(lam, V, K)
@@ -152,18 +142,8 @@ def _eigh_op(K: Tensor, max_sweeps: int, impl: str) -> tuple[Tensor, Tensor]:
 
 @_eigh_op.register_fake
 def _(K: Tensor, max_sweeps: int, impl: str) -> tuple[Tensor, Tensor]:
-    T, dt = K.shape[0], _work_dtype(K.dtype)
+    T, dt = K.shape[0], acc_dtype(K.dtype)
     return K.new_empty(T, dtype=dt), K.new_empty((T, T), dtype=dt)
-
-
-def _implementation(K: Tensor) -> str:
-    name = backend.select(K)
-    small = K.shape[0] <= _KERNEL_MAX_T
-    if name == "triton" and small:
-        return "triton"
-    if name == "cuda" and small and backend.info()["triton"]["available"]:
-        return "triton"
-    return "lapack" if K.device.type == "cpu" else "torch"
 
 
 def symmetric_eigh(K: Tensor, max_sweeps: int = MAX_SWEEPS) -> tuple[Tensor, Tensor]:
@@ -175,7 +155,7 @@ def symmetric_eigh(K: Tensor, max_sweeps: int = MAX_SWEEPS) -> tuple[Tensor, Ten
     ``torch.linalg.eigh``. Not differentiable (K is detached).
     """
     K = _check(K, max_sweeps)
-    impl = _implementation(K)
+    impl = solver_path(K, _KERNEL_MAX_T, "lapack")
     if torch.compiler.is_compiling():
         return _eigh_op(K, max_sweeps, impl)
     return _solve(K, max_sweeps, impl)

@@ -62,7 +62,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastmtl import backend
+from fastmtl._checks import check_int, check_number
+from fastmtl.solvers._common import check_square, solver_path
 
 __all__ = ["nash_bargaining", "nash_bargaining_exact", "nash_bargaining_reference"]
 
@@ -71,19 +72,10 @@ _STOP = 1e-10  # Newton decrement below which the early-exiting implementations 
 
 
 def _check(K: object, reg: object, max_iter: object, eps: object) -> Tensor:
-    if not isinstance(K, Tensor):
-        raise TypeError(f"nash_bargaining: K must be a torch.Tensor, got {type(K).__name__}")
-    if K.dim() != 2 or K.shape[0] != K.shape[1] or K.shape[0] < 1:
-        raise ValueError("nash_bargaining: K must be a square (T, T) matrix with T >= 1, "
-                         f"got shape {tuple(K.shape)}")
-    if not K.is_floating_point():
-        raise TypeError(f"nash_bargaining: K must be a floating tensor, got {K.dtype}")
-    if not isinstance(reg, (int, float)) or isinstance(reg, bool) or not 0 < reg < math.inf:
-        raise ValueError(f"nash_bargaining: reg must be a finite number > 0, got {reg!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"nash_bargaining: max_iter must be an integer >= 0, got {max_iter!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
-        raise ValueError(f"nash_bargaining: eps must be a number in (0, 1), got {eps!r}")
+    K = check_square(K, "nash_bargaining")
+    check_number("reg", reg, low=0, low_open=True, who="nash_bargaining")
+    check_int("max_iter", max_iter, 0, who="nash_bargaining")
+    check_number("eps", eps, low=0, high=1, low_open=True, high_open=True, who="nash_bargaining")
     return K.detach()
 
 
@@ -179,16 +171,6 @@ def _(K: Tensor, reg: float, max_iter: int, eps: float, impl: str) -> Tensor:
     return K.new_empty(K.shape[0], dtype=torch.float64)
 
 
-def _implementation(K: Tensor) -> str:
-    name = backend.select(K)
-    small = K.shape[0] <= _KERNEL_MAX_T
-    if name == "triton" and small:
-        return "triton"
-    if name == "cuda" and small and backend.info()["triton"]["available"]:
-        return "triton"
-    return "exact" if K.device.type == "cpu" else "torch"
-
-
 def nash_bargaining(K: Tensor, reg: float = 1e-6, max_iter: int = 25,
                     eps: float = 1e-8) -> Tensor:
     """α (T,) float64 on K's device with (K + reg·diag(K)) α = 1/α (module docstring).
@@ -198,7 +180,7 @@ def nash_bargaining(K: Tensor, reg: float = 1e-6, max_iter: int = 25,
     differentiable (K is detached). Raises ``TypeError``/``ValueError`` on bad arguments.
     """
     K = _check(K, reg, max_iter, eps)
-    impl = _implementation(K)
+    impl = solver_path(K, _KERNEL_MAX_T, "exact")
     args = (float(reg), max_iter, float(eps), impl)
     if torch.compiler.is_compiling():
         return _nash_op(K, *args)

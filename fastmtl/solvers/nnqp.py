@@ -61,7 +61,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastmtl import backend
+from fastmtl._checks import check_int
+from fastmtl.solvers._common import solver_path
 
 __all__ = ["default_max_iter", "dual_cone_projection", "dual_cone_projection_exact",
            "dual_cone_projection_reference", "normalized_gram", "upgrad_weights"]
@@ -97,10 +98,7 @@ def _check(M: object, U: object, max_iter: object) -> tuple[Tensor, Tensor]:
                          f"got {tuple(U.shape)}")
     if U.device != M.device:
         raise ValueError(f"dual_cone_projection: U is on {U.device} but M is on {M.device}")
-    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int)
-                                 or max_iter < 0):
-        raise ValueError(f"dual_cone_projection: max_iter must be None or an integer >= 0, "
-                         f"got {max_iter!r}")
+    check_int("max_iter", max_iter, 0, who="dual_cone_projection", none_ok=True)
     return M.detach(), U.detach()
 
 
@@ -221,13 +219,7 @@ def _(M: Tensor, U: Tensor, max_iter: int, impl: str) -> Tensor:
 
 
 def _implementation(M: Tensor) -> str:
-    name = backend.select(M)
-    small = M.shape[0] <= _KERNEL_MAX_T
-    if name == "triton" and small:
-        return "triton"
-    if name == "cuda" and small and backend.info()["triton"]["available"]:
-        return "triton"
-    return "exact" if M.device.type == "cpu" else "torch"
+    return solver_path(M, _KERNEL_MAX_T, "exact")
 
 
 def dual_cone_projection(M: Tensor, U: Tensor, max_iter: int | None = None) -> Tensor:

@@ -62,7 +62,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastmtl import backend
+from fastmtl._checks import check_int, check_number
+from fastmtl.ops._common import acc_dtype
+from fastmtl.solvers._common import check_square, solver_path
 from fastmtl.solvers._wolfe import wolfe_min_norm
 
 __all__ = ["min_norm_simplex", "min_norm_simplex_exact", "min_norm_simplex_reference"]
@@ -71,22 +73,10 @@ _KERNEL_MAX_T = 1024  # = fastmtl.kernels.simplex.MAX_T (not imported: that impo
 _NOISE = 4.0  # rounding-noise multiple in the stop test (see the module docstring)
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check(K: object, max_iter: object, tol: object) -> Tensor:
-    if not isinstance(K, Tensor):
-        raise TypeError(f"min_norm_simplex: K must be a torch.Tensor, got {type(K).__name__}")
-    if K.dim() != 2 or K.shape[0] != K.shape[1] or K.shape[0] < 1:
-        raise ValueError("min_norm_simplex: K must be a square (T, T) matrix with T >= 1, "
-                         f"got shape {tuple(K.shape)}")
-    if not K.is_floating_point():
-        raise TypeError(f"min_norm_simplex: K must be a floating tensor, got {K.dtype}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"min_norm_simplex: max_iter must be an integer >= 1, got {max_iter!r}")
-    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"min_norm_simplex: tol must be a finite number >= 0, got {tol!r}")
+    K = check_square(K, "min_norm_simplex")
+    check_int("max_iter", max_iter, 1, who="min_norm_simplex")
+    check_number("tol", tol, low=0, who="min_norm_simplex", bool_ok=True)
     return K.detach()
 
 
@@ -114,7 +104,7 @@ def min_norm_simplex_reference(K: Tensor, max_iter: int = 1000, tol: float = 1e-
     float32 (float64 for float64 K); returns that dtype. g = Kw is recomputed each step (the
     kernel keeps it incrementally and refreshes it).
     """
-    K = K.detach().to(_work_dtype(K.dtype))
+    K = K.detach().to(acc_dtype(K.dtype))
     T = K.shape[0]
     idx = torch.arange(T, device=K.device)
     diag = K.diagonal()
@@ -142,7 +132,7 @@ def min_norm_simplex_exact(K: Tensor) -> Tensor:
     except through ``min_norm_simplex``'s custom op). Returns K's work dtype."""
     if K.device.type != "cpu":
         raise ValueError(f"min_norm_simplex_exact runs on CPU tensors, got {K.device}")
-    work = _work_dtype(K.dtype)
+    work = acc_dtype(K.dtype)
     A = K.detach().to(work).numpy().astype(np.float64)
     w = wolfe_min_norm(0.5 * (A + A.T))
     return torch.from_numpy(w).to(work)
@@ -165,17 +155,7 @@ def _min_norm_simplex_op(K: Tensor, max_iter: int, tol: float, impl: str) -> Ten
 
 @_min_norm_simplex_op.register_fake
 def _(K: Tensor, max_iter: int, tol: float, impl: str) -> Tensor:
-    return K.new_empty(K.shape[0], dtype=_work_dtype(K.dtype))
-
-
-def _implementation(K: Tensor) -> str:
-    name = backend.select(K)
-    small = K.shape[0] <= _KERNEL_MAX_T
-    if name == "triton" and small:
-        return "triton"
-    if name == "cuda" and small and backend.info()["triton"]["available"]:
-        return "triton"
-    return "exact" if K.device.type == "cpu" else "torch"
+    return K.new_empty(K.shape[0], dtype=acc_dtype(K.dtype))
 
 
 def min_norm_simplex(K: Tensor, max_iter: int = 1000, tol: float = 1e-6) -> Tensor:
@@ -192,9 +172,9 @@ def min_norm_simplex(K: Tensor, max_iter: int = 1000, tol: float = 1e-6) -> Tens
     T = K.shape[0]
     if T == 1:
         return _nan_if_not_finite(torch.ones(1, dtype=K.dtype, device=K.device), K)
-    impl = _implementation(K)
+    impl = solver_path(K, _KERNEL_MAX_T, "exact")
     if T == 2 and impl != "exact":  # on the host the exact solver has the same closed form
-        return _two_tasks(K.to(_work_dtype(K.dtype))).to(K.dtype)
+        return _two_tasks(K.to(acc_dtype(K.dtype))).to(K.dtype)
     if torch.compiler.is_compiling():
         w = _min_norm_simplex_op(K, max_iter, float(tol), impl)
     else:

@@ -14,35 +14,23 @@ result (it is never replaced by a finite value).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from fastmtl._checks import check_int, check_number, checking_values
+
 __all__ = ["check_num_tasks", "check_positive", "checking_values", "stack_losses"]
 
 
 def check_num_tasks(num_tasks: object) -> int:
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"num_tasks must be an integer >= 1, got {num_tasks!r}")
-    return num_tasks
+    return check_int("num_tasks", num_tasks)
 
 
 def check_positive(name: str, value: object, *, allow_zero: bool = False) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
-def checking_values(check: bool | None, t: Tensor) -> bool:
-    """Whether to read values back (see the module docstring)."""
-    if check is not None:
-        return check
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    return check_number(name, value, low=0, low_open=not allow_zero)
 
 
 def stack_losses(losses: Any, num_tasks: int, owner: str, check: bool | None = None, *,

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastmtl._checks import check_bool, check_choice
 from fastmtl.weighting.base import check_num_tasks, stack_losses
 
 __all__ = ["RLW"]
@@ -58,11 +59,8 @@ class RLW:
     def __init__(self, num_tasks: int, distribution: str = "normal", rescale: bool = False,
                  generator: torch.Generator | None = None, *, check: bool | None = None) -> None:
         self.num_tasks = check_num_tasks(num_tasks)
-        if distribution not in _DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {_DISTRIBUTIONS}, "
-                             f"got {distribution!r}")
-        if not isinstance(rescale, bool):
-            raise ValueError(f"rescale must be a bool, got {rescale!r}")
+        check_choice("distribution", distribution, _DISTRIBUTIONS)
+        check_bool("rescale", rescale)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, "
                             f"got {type(generator).__name__}")

@@ -1,0 +1,92 @@
+"""Argument checks shared by the aggregators, solvers, weightings and optimizers (not public).
+
+Each raises ``ValueError`` with the message "{who}: {name} must be ..., got {value!r}" (no
+"{who}: " prefix when ``who`` is None) and returns the checked value. Booleans are not
+accepted as numbers (but see ``check_number``'s ``bool_ok``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_bool", "check_choice", "check_int", "check_number", "check_seed",
+           "checking_values"]
+
+
+def _fail(who: str | None, name: str, what: str, value: object) -> ValueError:
+    prefix = "" if who is None else f"{who}: "
+    return ValueError(f"{prefix}{name} must be {what}, got {value!r}")
+
+
+def check_int(name: str, value: object, low: int = 1, *, who: str | None = None,
+              none_ok: bool = False) -> int | None:
+    """An ``int`` (not a bool) >= ``low`` ("an integer >= low"); also None if ``none_ok``."""
+    if none_ok and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = f"an integer >= {low}"
+        raise _fail(who, name, f"None or {what}" if none_ok else what, value)
+    return value
+
+
+def check_number(name: str, value: object, *, low: float | None = None,
+                 high: float | None = None, low_open: bool = False, high_open: bool = False,
+                 who: str | None = None, none_ok: bool = False,
+                 bool_ok: bool = False) -> float | None:
+    """A finite int or float within the bounds, as ``float`` (None too if ``none_ok``; a bool
+    only if ``bool_ok``: the simplex solvers' ``tol`` has always taken one). The message names
+    the bounds as given: "a finite number >= 0" / "> 0" with one bound, "a number in (0, 1)" /
+    "[0, 1]" / "[0, 1)" with two (``low``/``high`` are formatted as passed: 0 and 0.0 differ)."""
+    if none_ok and value is None:
+        return None
+    ok = ((bool_ok or not isinstance(value, bool)) and isinstance(value, (int, float))
+          and math.isfinite(value)
+          and (low is None or (value > low if low_open else value >= low))
+          and (high is None or (value < high if high_open else value <= high)))
+    if not ok:
+        if high is None:
+            what = "a finite number" if low is None else \
+                f"a finite number {'>' if low_open else '>='} {low}"
+        elif low is None:
+            what = f"a finite number {'<' if high_open else '<='} {high}"
+        else:
+            what = (f"a number in {'(' if low_open else '['}{low}, "
+                    f"{high}{')' if high_open else ']'}")
+        raise _fail(who, name, f"None or {what}" if none_ok else what, value)
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_bool(name: str, value: object, *, who: str | None = None) -> bool:
+    """A ``bool`` ("a bool")."""
+    if not isinstance(value, bool):
+        raise _fail(who, name, "a bool", value)
+    return value
+
+
+def check_choice(name: str, value: object, choices: Collection[object], *,
+                 who: str | None = None) -> object:
+    """One of ``choices`` ("one of {choices}")."""
+    if value not in choices:
+        raise _fail(who, name, f"one of {choices}", value)
+    return value
+
+
+def check_seed(seed: object) -> int:
+    """A seed: a non-negative int, or None for one drawn from torch's global CPU RNG."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise _fail(None, "seed", "a non-negative integer or None", seed)
+    return seed
+
+
+def checking_values(check: bool | None, t: Tensor) -> bool:
+    """Whether to read input values back: ``check`` when given, else only for CPU tensors that
+    are not being traced by ``torch.compile`` (on CUDA a read-back is a host sync)."""
+    if check is not None:
+        return check
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
