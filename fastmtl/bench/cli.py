@@ -38,21 +38,26 @@ def _device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
 
 
-def run(device: str, quick: bool) -> tuple[list[Row], float]:
-    floor = copy_bandwidth_gbs(device, 1 << (30 if device.startswith("cuda") else 26))
-    sizes = [10**5, 10**6] if quick or not device.startswith("cuda") else [10**5, 10**6, 10**7]
-    dtypes = [torch.float32] + ([torch.bfloat16] if device.startswith("cuda") else [])
+STEP_METHODS = ("MGDA", "UPGrad", "PCGrad", "CAGrad", "NashMTL")
+
+
+def run(device: str, quick: bool, smoke: bool = False) -> tuple[list[Row], float]:
+    """All cases; ``smoke``: tiny sizes that only check every case runs (for the tests)."""
+    cuda = device.startswith("cuda")
+    floor = copy_bandwidth_gbs(device, 1 << (20 if smoke else 30 if cuda else 26))
+    sizes = [10**3] if smoke else [10**5, 10**6] if quick or not cuda else [10**5, 10**6, 10**7]
+    dtypes = [torch.float32] + ([torch.bfloat16] if cuda else [])
     rows: list[Row] = []
     for dtype in dtypes:
-        for T in (2, 8, 40):
+        for T in (2,) if smoke else (2, 8, 40):
             for N in sizes:
                 rows += gram_cases(device, dtype, T, N)
                 rows += combine_cases(device, dtype, T, N)
-    for T in (2, 10, 40):
+    for T in (3,) if smoke else (2, 10, 40):
         rows += mgda_cases(device, T)
-    for method in ("MGDA", "UPGrad", "PCGrad", "CAGrad", "NashMTL"):
-        if hasattr(fm.aggregators, method):
-            rows += step_cases(device, method, T=10)
+    for method in STEP_METHODS:
+        rows += step_cases(device, method, T=3, width=16, depth=1, batch=8) if smoke else \
+            step_cases(device, method, T=10)
     _add_ratios(rows, floor)
     return rows, floor
 
@@ -87,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastmtl-bench", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that it runs")
     parser.add_argument("--json", help="also write the rows and metadata to this file")
     args = parser.parse_args(argv)
-    rows, floor = run(args.device, args.quick)
+    rows, floor = run(args.device, args.quick, args.smoke)
     meta = {
         "device": _device_name(args.device), "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -57,7 +57,9 @@ def step_cases(device: str, method: str = "MGDA", T: int = 10, width: int = 256,
         import torchjd.aggregation
         from torchjd.autojac import jac_to_grad, mtl_backward
 
-        tjd = getattr(torchjd.aggregation, method)()
+        # torchjd's constructors: CAGrad needs c, NashMTL the number of tasks.
+        kwargs = {"CAGrad": {"c": 0.4}, "NashMTL": {"n_tasks": T}}.get(method, {})
+        tjd = getattr(torchjd.aggregation, method)(**kwargs)
 
         def torchjd_step():
             z, losses = _losses(encoder, heads, x, y)
