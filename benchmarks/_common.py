@@ -140,3 +140,28 @@ def _device_name() -> str:
     if DEVICE.type == "cuda":
         return torch.cuda.get_device_name(DEVICE)
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def time_small_call(benchmark, fn: Callable[..., object], *args: object, device: str,
+                    rounds: int | None = None) -> None:
+    """Time one small call (a solver's ``weights(K)``) after a warm-up the caller has done.
+
+    CPU: pytest-benchmark's own timing (``rounds`` fixed rounds for calls of seconds). CUDA:
+    the call plus ``torch.cuda.synchronize()``, with ``triton.testing.do_bench``'s median in
+    ``extra_info["do_bench_ms"]``.
+    """
+    if device == "cpu":
+        if rounds is None:
+            benchmark(fn, *args)
+        else:
+            benchmark.pedantic(fn, args=args, rounds=rounds, iterations=1)
+        return
+    import triton.testing
+
+    benchmark.extra_info["do_bench_ms"] = triton.testing.do_bench(lambda: fn(*args))
+
+    def synced() -> None:
+        fn(*args)
+        torch.cuda.synchronize()
+
+    benchmark(synced)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _common import time_small_call
 
 import fastmtl as fm
 
@@ -41,18 +42,7 @@ def _run(benchmark, impl: str, T: int, device: str) -> None:
     fn(K)  # warm-up: imports, kernel compilation
     benchmark.group = f"mgda-{device}-T{T}"
     benchmark.extra_info.update(impl=impl, T=T, device=device)
-    if device == "cpu":
-        benchmark(fn, K)
-        return
-    import triton.testing
-
-    benchmark.extra_info["do_bench_ms"] = triton.testing.do_bench(lambda: fn(K))
-
-    def synced() -> None:
-        fn(K)
-        torch.cuda.synchronize()
-
-    benchmark(synced)
+    time_small_call(benchmark, fn, K, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+from _common import time_small_call
 
 import fastmtl as fm
 from fastmtl.aggregators.nash_mtl import NashMTL
@@ -55,18 +56,6 @@ def test_nash_mtl_weights(benchmark, impl, T, device):
         fn(arg)  # warm-up: imports, kernel compilation, torchjd's cvxpy problem
     benchmark.group = f"nash_mtl-{device}-T{T}"
     benchmark.extra_info.update(impl=impl, T=T, device=device)
-    if device == "cpu":
-        if impl == "torchjd" and T >= 40:  # seconds a call: a few rounds are enough
-            benchmark.pedantic(fn, args=(arg,), rounds=3, iterations=1)
-        else:
-            benchmark(fn, arg)
-        return
-    import triton.testing
-
-    benchmark.extra_info["do_bench_ms"] = triton.testing.do_bench(lambda: fn(arg))
-
-    def synced() -> None:
-        fn(arg)
-        torch.cuda.synchronize()
-
-    benchmark(synced)
+    # torchjd: seconds a call at T >= 40 on CPU: a few rounds are enough
+    time_small_call(benchmark, fn, arg, device=device,
+                    rounds=3 if impl == "torchjd" and T >= 40 else None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _common import time_small_call
 
 import fastmtl as fm
 from fastmtl.aggregators.upgrad import UPGrad
@@ -52,18 +53,5 @@ def test_upgrad_weights(benchmark, impl, T, kind, device):
     fn(K)  # warm-up: imports, kernel compilation
     benchmark.group = f"upgrad-{device}-{kind}-T{T}"
     benchmark.extra_info.update(impl=impl, T=T, kind=kind, device=device)
-    if device == "cpu":
-        if T >= 128:  # ~0.3–1 s a call: a few rounds are enough
-            benchmark.pedantic(fn, args=(K,), rounds=3, iterations=1)
-        else:
-            benchmark(fn, K)
-        return
-    import triton.testing
-
-    benchmark.extra_info["do_bench_ms"] = triton.testing.do_bench(lambda: fn(K))
-
-    def synced() -> None:
-        fn(K)
-        torch.cuda.synchronize()
-
-    benchmark(synced)
+    # ~0.3–1 s a call at T >= 128 on CPU: a few rounds are enough
+    time_small_call(benchmark, fn, K, device=device, rounds=3 if T >= 128 else None)

@@ -13,6 +13,7 @@ import importlib
 
 import pytest
 import torch
+from _common import time_small_call
 
 import fastmtl as fm
 
@@ -27,12 +28,14 @@ METHODS = {
     "EDM": ("edm", "EDM", {}, None),
     "IMTLG": ("imtlg", "IMTLG", {}, "IMTLGWeighting"),
     "AlignedMTL": ("aligned_mtl", "AlignedMTL", {}, "AlignedMTLWeighting"),
-    "CAGrad": ("cagrad", "CAGrad", {}, "CAGradWeighting"),
+    "CAGrad": ("cagrad", "CAGrad", {}, "CAGradWeighting"),  # torchjd needs c: TORCHJD_KWARGS
     "UPGrad": ("upgrad", "UPGrad", {}, "UPGradWeighting"),
     "NashMTL": ("nash_mtl", "NashMTL", {}, None),
     "PCGrad": ("pcgrad", "PCGrad", {"seed": 0}, "PCGradWeighting"),
     "GradVac": ("gradvac", "GradVac", {"seed": 0}, "GradVacWeighting"),
 }
+
+TORCHJD_KWARGS = {"CAGradWeighting": {"c": 0.4}}  # same c as fastmtl's default
 
 
 def setup_gram(T: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -52,7 +55,7 @@ def _weighting(method: str, impl: str):
     if tjd_name is None:
         pytest.skip(f"torchjd has no Gramian weighting for {method}")
     aggregation = pytest.importorskip("torchjd.aggregation")
-    return getattr(aggregation, tjd_name)()
+    return getattr(aggregation, tjd_name)(**TORCHJD_KWARGS.get(tjd_name, {}))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -68,15 +71,4 @@ def test_weights(benchmark, method, impl, T, device):
         pytest.skip(f"{impl} {method} failed at T={T}: {exc.__class__.__name__}: {exc}")
     benchmark.group = f"weights-{method}-{device}-T{T}"
     benchmark.extra_info.update(method=method, impl=impl, T=T, device=device)
-    if device == "cpu":
-        benchmark(fn, K)
-        return
-    import triton.testing
-
-    benchmark.extra_info["do_bench_ms"] = triton.testing.do_bench(lambda: fn(K))
-
-    def synced() -> None:
-        fn(K)
-        torch.cuda.synchronize()
-
-    benchmark(synced)
+    time_small_call(benchmark, fn, K, device=device)
