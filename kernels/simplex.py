@@ -56,26 +56,45 @@ def _matvec(k_ptr, w_ptr, T, offs, mask, ONES: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _min_norm_simplex_kernel(k_ptr, w_ptr, T, max_iter, tol, eps, BLOCK: tl.constexpr,
-                             BC: tl.constexpr, REFRESH: tl.constexpr):
+def _shift(kx, x, mask, b, s, s2g):
+    """K_s x from K x for K_s = K + s(b1ᵀ + 1bᵀ) + s²‖g0‖² 11ᵀ (``s2g`` = s²‖g0‖²)."""
+    sx = tl.sum(x, axis=0)
+    return tl.where(mask, kx + s * (b * sx + tl.sum(b * x, axis=0)) + s2g * sx, 0.0)
+
+
+@triton.jit
+def _row(k_ptr, i, T, offs, mask, b, s, s2g, dt):
+    """Row i of K_s (K symmetric, read from global memory)."""
+    ki = tl.load(k_ptr + i * T + offs, mask=mask, other=0.0).to(dt)
+    bi = tl.sum(tl.where(offs == i, b, 0.0), axis=0)
+    return tl.where(mask, ki + s * (bi + b) + s2g, 0.0)
+
+
+@triton.jit
+def _solve_shifted(k_ptr, w_ptr, T, offs, mask, b, s, s2g, max_iter, tol, eps,
+                   BLOCK: tl.constexpr, BC: tl.constexpr, REFRESH: tl.constexpr):
+    """argmin_{w ∈ Δ} wᵀ K_s w (K_s as in ``_shift``; s = 0 is the plain problem) in registers;
+    ``w_ptr`` (T,) is scratch and holds w on return."""
     dt = w_ptr.dtype.element_ty
-    offs = tl.arange(0, BLOCK)
-    mask = offs < T
     diag = tl.load(k_ptr + offs * (T + 1), mask=mask, other=0.0).to(dt)
+    diag = tl.where(mask, diag + 2.0 * s * b + s2g, 0.0)
     norms = tl.sqrt(tl.maximum(diag, 0.0))
-    tn = tl.sum(mask.to(dt), axis=0)  # T as a float (T itself may be a constexpr 1)
+    ones = mask.to(dt)
+    tn = tl.sum(ones, axis=0)  # T as a float (T itself may be a constexpr 1)
 
     # Start at the uniform point if its objective sum(K)/T² is at most min_i K_ii, else at
     # the vertex of the shortest gradient.
-    ksum = tl.sum(_matvec(k_ptr, w_ptr, T, offs, mask, True, BLOCK, BC), axis=0)
+    ksum = tl.sum(_shift(_matvec(k_ptr, w_ptr, T, offs, mask, True, BLOCK, BC), ones, mask,
+                         b, s, s2g), axis=0)
     dmasked = tl.where(mask, diag, float("inf"))
     vmin = tl.argmin(dmasked, axis=0)
     uniform = ksum / (tn * tn) <= tl.min(dmasked, axis=0)
     w = tl.where(mask, tl.where(uniform, 1.0 / tn, tl.where(offs == vmin, 1.0, 0.0)), 0.0)
     w = w.to(dt)
+    tl.debug_barrier()
     tl.store(w_ptr + offs, w, mask=mask)
     tl.debug_barrier()
-    g = _matvec(k_ptr, w_ptr, T, offs, mask, False, BLOCK, BC)
+    g = _shift(_matvec(k_ptr, w_ptr, T, offs, mask, False, BLOCK, BC), w, mask, b, s, s2g)
 
     it = tl.program_id(0) * 0
     fresh = it + 1  # g was computed exactly, not updated incrementally, since the last refresh
@@ -84,7 +103,7 @@ def _min_norm_simplex_kernel(k_ptr, w_ptr, T, max_iter, tol, eps, BLOCK: tl.cons
         gw = tl.where(mask & (w > 0), g, float("-inf"))
         v = tl.argmax(gw, axis=0)
         diff = tl.where(mask, tl.max(gw, axis=0) - g, float("-inf"))
-        kv = tl.load(k_ptr + v * T + offs, mask=mask, other=0.0).to(dt)
+        kv = _row(k_ptr, v, T, offs, mask, b, s, s2g, dt)
         kvv = tl.sum(tl.where(offs == v, diag, 0.0), axis=0)
         nv = tl.sum(tl.where(offs == v, norms, 0.0), axis=0)
         thr = (tol * tl.maximum(tl.sum(w * g, axis=0), 0.0)
@@ -92,14 +111,14 @@ def _min_norm_simplex_kernel(k_ptr, w_ptr, T, max_iter, tol, eps, BLOCK: tl.cons
         viol = diff > thr
         den = tl.where(viol, tl.maximum(diag + kvv - 2.0 * kv, 0.0), 1.0)
         gain = tl.where(viol, diff * diff / den, -1.0)
-        s = tl.argmax(gain, axis=0)
-        ds = tl.sum(tl.where(offs == s, diff, 0.0), axis=0)
-        dens = tl.sum(tl.where(offs == s, den, 0.0), axis=0)
+        s_new = tl.argmax(gain, axis=0)
+        ds = tl.sum(tl.where(offs == s_new, diff, 0.0), axis=0)
+        dens = tl.sum(tl.where(offs == s_new, den, 0.0), axis=0)
         wv = tl.sum(tl.where(offs == v, w, 0.0), axis=0)
         active = tl.max(gain, axis=0) >= 0.0
         gam = tl.where(active, tl.minimum(ds / dens, wv), 0.0)
-        ks = tl.load(k_ptr + s * T + offs, mask=mask, other=0.0).to(dt)
-        w = tl.where(offs == s, w + gam, tl.where(offs == v, w - gam, w))
+        ks = _row(k_ptr, s_new, T, offs, mask, b, s, s2g, dt)
+        w = tl.where(offs == s_new, w + gam, tl.where(offs == v, w - gam, w))
         g = g + gam * (ks - kv)
         it += 1
         stop = (active == 0) & (fresh != 0)
@@ -108,7 +127,8 @@ def _min_norm_simplex_kernel(k_ptr, w_ptr, T, max_iter, tol, eps, BLOCK: tl.cons
             tl.debug_barrier()
             tl.store(w_ptr + offs, w, mask=mask)
             tl.debug_barrier()
-            g = _matvec(k_ptr, w_ptr, T, offs, mask, False, BLOCK, BC)
+            g = _shift(_matvec(k_ptr, w_ptr, T, offs, mask, False, BLOCK, BC), w, mask, b, s,
+                       s2g)
         fresh = refresh.to(tl.int32)
         go = (it < max_iter) & (stop == 0)
 
@@ -116,6 +136,18 @@ def _min_norm_simplex_kernel(k_ptr, w_ptr, T, max_iter, tol, eps, BLOCK: tl.cons
     w = w + 0.0 * tl.sum(g, axis=0)
     tl.debug_barrier()
     tl.store(w_ptr + offs, w, mask=mask)
+    tl.debug_barrier()
+    return w
+
+
+@triton.jit
+def _min_norm_simplex_kernel(k_ptr, w_ptr, T, max_iter, tol, eps, BLOCK: tl.constexpr,
+                             BC: tl.constexpr, REFRESH: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < T
+    zero = tl.zeros((BLOCK,), dtype=w_ptr.dtype.element_ty)
+    _solve_shifted(k_ptr, w_ptr, T, offs, mask, zero, 0.0, 0.0, max_iter, tol, eps, BLOCK, BC,
+                   REFRESH)
 
 
 def _config(T: int) -> tuple[int, int, int]:
