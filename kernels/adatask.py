@@ -17,8 +17,9 @@ with u_k Adam's m̂_k/(√v̂_k + ε)·η (ALGO 0), RMSprop's η g_k/(√v_k + �
 step counter (float32, on the device, already incremented by the launcher for active tasks)
 gives its bias corrections, computed in float64 (1 − β^t cancels in float32). Every scalar
 hyperparameter arrives as a float32 pair (hi + lo, Triton passes Python floats as float32) and
-is rebuilt in float64, so float64 parameters get float64 hyperparameters. Arithmetic on the elements is float32 (float64
-for float64 parameters), whatever the storage dtype of the moments (e.g. bfloat16).
+is rebuilt in float64, so float64 parameters get float64 hyperparameters. Arithmetic on the
+elements is float32 (float64 for float64 parameters), whatever the storage dtype of the
+moments (e.g. bfloat16).
 """
 
 from __future__ import annotations
