@@ -34,7 +34,7 @@ $(SETUP_STAMP): pyproject.toml setup.py
 	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel
 	# torch first and pinned: anything unpinned would pull a multi-GB CUDA build
 	$(PYTHON) -m pip install -q torch==$(TORCH_VERSION) triton==$(TRITON_VERSION)
-	$(PYTHON) -m pip install -q --no-build-isolation -e ".[triton,test,bench,compare]" \
+	$(PYTHON) -m pip install -q --no-build-isolation -e ".[triton,test,bench,compare,plot]" \
 		torch==$(TORCH_VERSION) triton==$(TRITON_VERSION)
 	touch $@
 endif
@@ -68,7 +68,7 @@ check-cuda:
 		spec = importlib.util.spec_from_file_location('fastmtl._C', \
 			glob.glob('build/cuda-check/lib/fastmtl/_C*.so')[0]); \
 		m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); \
-		assert all(callable(getattr(m, f, None)) for f in ('gram', 'combine', 'project')), dir(m)"
+		assert all(callable(getattr(m, f, None)) for f in ('gram', 'combine', 'project', 'trial_points')), dir(m)"
 	@echo "check-cuda: csrc/ compiled against torch $(CUDA_TORCH_VERSION) and loads"
 
 clean:

@@ -8,6 +8,8 @@ at::Tensor gram_cuda(const at::Tensor& G);                                      
 void combine_cuda(const at::Tensor& w, const at::Tensor& G, at::Tensor& out,  // combine.cu
                   bool accumulate);
 void project_cuda(const at::Tensor& C, const at::Tensor& G, at::Tensor& out);  // project.cu
+void trial_points_cuda(const at::Tensor& z, const at::Tensor& d,  // trial_points.cu
+                       const at::Tensor& steps, at::Tensor& out);
 }  // namespace fastmtl
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -24,4 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = C G for G (T, N), C (T', T) in the accumulation dtype, out (T', N) with unit "
         "stride along N in G's or the accumulation dtype (not overlapping G); one pass over G, "
         "accumulated in float32 (float64 for float64 G).");
+  m.def("trial_points", &fastmtl::trial_points_cuda, py::arg("z"), py::arg("d"),
+        py::arg("steps"), py::arg("out"),
+        "out[k] = z - steps[k] d for contiguous z, d (N,) of one dtype, steps (K,) in the "
+        "accumulation dtype, out (K, N) contiguous in z's dtype; z and d read once.");
 }

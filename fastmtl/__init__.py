@@ -6,8 +6,18 @@ The pipeline: per-task gradients (``engine``) -> Gram matrix (``ops.gram``) -> w
 
 __version__ = "0.1.0"
 
-from fastmtl import aggregators, backend, engine, ops, optim, solvers, weighting  # noqa: E402
+from fastmtl import (  # noqa: E402
+    aggregators,
+    backend,
+    engine,
+    linesearch,
+    ops,
+    optim,
+    pamal,
+    solvers,
+    weighting,
+)
 from fastmtl.backward import mtl_backward  # noqa: E402
 
-__all__ = ["__version__", "aggregators", "backend", "engine", "mtl_backward", "ops", "optim",
-           "solvers", "weighting"]
+__all__ = ["__version__", "aggregators", "backend", "engine", "linesearch", "mtl_backward", "ops",
+           "optim", "pamal", "solvers", "weighting"]

@@ -33,3 +33,7 @@ def combine(w: Tensor, G: Tensor, out: Tensor, accumulate: bool) -> None:
 
 def project(C: Tensor, G: Tensor, out: Tensor) -> None:
     _C.project(C, G, out)
+
+
+def trial_points(z: Tensor, d: Tensor, steps: Tensor, out: Tensor) -> None:
+    _C.trial_points(z, d, steps, out)

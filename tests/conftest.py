@@ -44,6 +44,16 @@ def poison_empty(monkeypatch):
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test of tiny ops (OpenMP contention on a shared 2-core machine
+    makes them 20-50x slower); ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_devices() -> list[str]:
     env = os.environ.get("FASTMTL_TEST_DEVICE")
     if env:

@@ -11,6 +11,7 @@ from fastmtl.ops.adatask import (
 from fastmtl.ops.combine import combine, combine_reference
 from fastmtl.ops.gram import gram, gram_reference
 from fastmtl.ops.project import project, project_reference
+from fastmtl.ops.trial_points import trial_points, trial_points_reference
 
 __all__ = [
     "adatask_adagrad_",
@@ -23,4 +24,6 @@ __all__ = [
     "gram_reference",
     "project",
     "project_reference",
+    "trial_points",
+    "trial_points_reference",
 ]
