@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from fastmtl import (  # noqa: E402
     aggregators,
     backend,
+    diagnostics,
     engine,
     linesearch,
     ops,
@@ -19,5 +20,5 @@ from fastmtl import (  # noqa: E402
 )
 from fastmtl.backward import mtl_backward  # noqa: E402
 
-__all__ = ["__version__", "aggregators", "backend", "engine", "linesearch", "mtl_backward", "ops",
-           "optim", "pamal", "solvers", "weighting"]
+__all__ = ["__version__", "aggregators", "backend", "diagnostics", "engine", "linesearch",
+           "mtl_backward", "ops", "optim", "pamal", "solvers", "weighting"]
