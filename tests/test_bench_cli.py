@@ -19,6 +19,8 @@ def test_smoke_run_writes_every_case(tmp_path, capsys):
     impls = {(r["op"], r["impl"]) for r in rows}
     for op in ("gram", "combine", "mgda.weights"):
         assert (op, "fastmtl") in impls
+    for impl in ("fastmtl fused", "foreach path", "official loop", "T x torch Adam(fused)"):
+        assert ("adatask.step", impl) in impls
     for method in cli.STEP_METHODS:
         assert ("step", f"fastmtl {method}") in impls
         assert ("step", f"torchjd {method}") in impls

@@ -141,6 +141,10 @@ def test_combine_gradcheck(device, backend):
     w = randn(3, dtype=torch.float64, device=device, seed=16).requires_grad_()
     with use_backend(backend):
         assert torch.autograd.gradcheck(fm.ops.combine, (w, G))
+        assert torch.autograd.gradgradcheck(fm.ops.combine, (w, G))
+        fm.ops.combine(w, G).sum().backward()
+    assert G.grad.is_contiguous()  # laid out like G on every backend (no transposing copy)
+    torch.testing.assert_close(G.grad, w.detach()[:, None].expand(3, 10))
 
 
 @pytest.mark.kernels

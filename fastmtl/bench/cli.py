@@ -18,6 +18,7 @@ import sys
 import torch
 
 import fastmtl as fm
+from fastmtl.bench.adatask import PARAM_LISTS, adatask_cases
 from fastmtl.bench.cases import Row, combine_cases, gram_cases, mgda_cases
 from fastmtl.bench.steps import step_cases
 from fastmtl.bench.timing import copy_bandwidth_gbs
@@ -58,6 +59,9 @@ def run(device: str, quick: bool, smoke: bool = False) -> tuple[list[Row], float
     for method in STEP_METHODS:
         rows += step_cases(device, method, T=3, width=16, depth=1, batch=8) if smoke else \
             step_cases(device, method, T=10)
+    for name in PARAM_LISTS:
+        for T in (2,) if smoke else (2, 5) if quick else (2, 5, 10):
+            rows += adatask_cases(device, name, T, scale=16 if smoke else 1)
     _add_ratios(rows, floor)
     return rows, floor
 

@@ -83,6 +83,20 @@ def _backward(ctx, dd: Tensor):
 _combine_kernel.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _CombineReference(torch.autograd.Function):
+    """The torch path with the same backward as the kernels: dG = w ⊗ dd laid out like G
+    (autograd of ``torch.mv(G.mT, w)`` would hand back a transposed dG, copied into ``.grad``)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, G: Tensor) -> Tensor:
+        ctx.save_for_backward(w, G)
+        return combine_reference(w, G)
+
+    @staticmethod
+    def backward(ctx, dd: Tensor):
+        return _backward(ctx, dd)[:2]
+
+
 def combine(
     w: Tensor, G: Tensor, out: Tensor | None = None, *, accumulate: bool = False
 ) -> Tensor:
@@ -107,5 +121,7 @@ def combine(
     if accumulate:
         raise ValueError("combine: accumulate=True needs out=")
     if backend == "torch":
+        if torch.is_grad_enabled() and (w.requires_grad or G.requires_grad):
+            return _CombineReference.apply(w, G)
         return combine_reference(w, G)
     return _combine_kernel(w, G, backend)

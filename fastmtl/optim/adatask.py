@@ -105,7 +105,7 @@ class _AdaTask(Optimizer):
         super().__init__(params, defaults)
         self._engine: TaskGradients | None = None
         self._task_grads: dict[int, Tensor] = {}   # id(p) -> (T, *p.shape), since zero_grad
-        self._reached: dict[int, Tensor] = {}      # id(p) -> (T,) bool on the host
+        self._reached: dict[int, tuple[bool, ...]] = {}  # id(p) -> which tasks reached p
 
     # -- groups ------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -154,15 +154,16 @@ class _AdaTask(Optimizer):
         if self._task_grads:  # pending views of the buffer the engine is about to overwrite
             self._task_grads = {k: g.clone() for k, g in self._task_grads.items()}
         self._engine.compute(losses)
-        reached = self._engine.reached
+        reached = [tuple(col) for col in self._engine.reached.t().tolist()]  # host, no sync
         for k, (p, g) in enumerate(zip(shared, self._engine.grads())):
             old = self._task_grads.get(id(p))
             if old is None:
                 self._task_grads[id(p)] = g  # a view of the engine's buffer
-                self._reached[id(p)] = reached[:, k].clone()
+                self._reached[id(p)] = reached[k]
             else:  # accumulate, like .grad (own the sum: the buffer is reused)
                 self._task_grads[id(p)] = old + g
-                self._reached[id(p)] = self._reached[id(p)] | reached[:, k]
+                self._reached[id(p)] = tuple(a or b for a, b in zip(self._reached[id(p)],
+                                                                     reached[k]))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -198,7 +199,7 @@ class _AdaTask(Optimizer):
                 raise ValueError(f"task_grads[{k}] is on {g.device} but its parameter is on "
                                  f"{p.device}")
             self._task_grads[id(p)] = g.detach().to(p.dtype).contiguous()
-            self._reached[id(p)] = torch.ones(T, dtype=torch.bool)
+            self._reached[id(p)] = (True,) * T
 
     # -- state -------------------------------------------------------------------------------
     def _on_device(self, group: dict[str, Any]) -> bool:
@@ -263,7 +264,7 @@ class _AdaTask(Optimizer):
             if group["shared"]:
                 entries = [(p, self._task_grads[id(p)], self._reached[id(p)])
                            for p in group["params"] if id(p) in self._task_grads]
-                entries = [e for e in entries if bool(e[2].any())]
+                entries = [e for e in entries if any(e[2])]
             else:
                 entries = [(p, p.grad.unsqueeze(0), None) for p in group["params"]
                            if p.grad is not None]
@@ -292,8 +293,8 @@ class _AdaTask(Optimizer):
                               for s in states] for name in self._moments if name in states[0]}
             masks = [r for _, _, r in bucket]
             active = None
-            if group["shared"] and not all(bool(r.all()) for r in masks):
-                active = torch.stack(masks)
+            if group["shared"] and not all(all(r) for r in masks):
+                active = torch.tensor(masks, dtype=torch.bool)
             if fused:
                 self._fused(group, params, grads, moments, steps, active)
             else:

@@ -12,8 +12,8 @@ Layout. All the parameters of one layer (e.g. weight and bias) are flattened and
 ``members`` Parameter of shape (T, P), row t = member t. The interpolation is then one call of
 the fused op ``fastmtl.ops.combine(α, members)`` (d = membersᵀα) for all members and all the
 layer's parameters, differentiable in both: ∂/∂W_t = α_t·∂/∂W(α) and ∂/∂α_t = ⟨W_t, ∂/∂W(α)⟩
-(``interpolate_members``: the backward writes the (T, P) member gradient in ``members``'
-layout in one outer product).
+(the op's backward writes the (T, P) member gradient in ``members``' layout in one outer
+product).
 
 Mechanism. A subspace layer is the torch layer itself with its class swapped for a subclass
 that puts ``SubspaceLayer`` first (``SubspaceLinear(SubspaceLayer, nn.Linear)``, ...): the
@@ -60,34 +60,10 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class _Interpolate(torch.autograd.Function):
-    """d = membersᵀα by the fused op; backward dmembers = α ⊗ dd (contiguous, (T, P), laid
-    out like ``members``, so no transposing copy into ``.grad``) and dα = members·dd."""
-
-    @staticmethod
-    def forward(ctx: Any, alpha: Tensor, members: Tensor) -> Tensor:
-        ctx.save_for_backward(alpha, members)
-        return combine(alpha, members)
-
-    @staticmethod
-    def backward(ctx: Any, dd: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        alpha, members = ctx.saved_tensors
-        acc = _acc(members.dtype)
-        d_alpha = d_members = None
-        if ctx.needs_input_grad[0]:
-            d_alpha = torch.mv(members.to(acc), dd.to(acc)).to(alpha.dtype)
-        if ctx.needs_input_grad[1]:
-            d_members = torch.outer(alpha.to(acc), dd.to(acc)).to(members.dtype)
-        return d_alpha, d_members
-
-
 def interpolate_members(alpha: Tensor, members: Tensor) -> Tensor:
     """W(α) = Σ_t α_t members[t], (P,): one ``fastmtl.ops.combine`` call, differentiable in
     ``alpha`` (T,) and ``members`` (T, P) (first derivatives only)."""
-    alpha = alpha.to(device=members.device, dtype=_acc(members.dtype))
-    if torch.is_grad_enabled() and (alpha.requires_grad or members.requires_grad):
-        return _Interpolate.apply(alpha, members)
-    return combine(alpha, members)
+    return combine(alpha.to(device=members.device, dtype=_acc(members.dtype)), members)
 
 
 class SubspaceLayer(nn.Module):
