@@ -8,13 +8,14 @@ accepted as numbers (but see ``check_number``'s ``bool_ok``).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["check_bool", "check_choice", "check_int", "check_number", "check_seed",
-           "checking_values"]
+           "check_generator", "check_task_grads", "checking_values", "generator_state",
+           "load_generator_state"]
 
 
 def _fail(who: str | None, name: str, what: str, value: object) -> ValueError:
@@ -90,3 +91,64 @@ def checking_values(check: bool | None, t: Tensor) -> bool:
     if check is not None:
         return check
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_task_grads(task_grads: object, params: Sequence[Tensor], T: int, *,
+                     names: Sequence[str] | None = None, who: str | None = None,
+                     kind: str = "shared") -> list[Tensor | None]:
+    """Per-task gradients (T, *p.shape) for each of ``params``, from a list in their order or
+    a dict keyed by parameter (missing keys and ``None`` entries give None): floating, the
+    right shape, on the parameter's device. ``kind`` names the parameters in messages."""
+    prefix = "" if who is None else f"{who}: "
+    names = [str(k) for k in range(len(params))] if names is None else names
+    if isinstance(task_grads, Mapping):
+        by_id = {id(p): g for p, g in task_grads.items()}
+        if set(by_id) - {id(p) for p in params}:
+            raise ValueError(f"{prefix}task_grads has keys that are not {kind} parameters")
+        items = [by_id.get(id(p)) for p in params]
+    elif isinstance(task_grads, Sequence) and not isinstance(task_grads, Tensor | str):
+        if len(task_grads) != len(params):
+            raise ValueError(f"{prefix}task_grads has {len(task_grads)} entries for "
+                             f"{len(params)} {kind} parameters")
+        items = list(task_grads)
+    else:
+        raise TypeError(f"{prefix}task_grads must be a list (in {kind}-parameter order) or a "
+                        f"dict keyed by parameter, got {type(task_grads).__name__}")
+    for g, p, name in zip(items, params, names):
+        if g is None:
+            continue
+        if not isinstance(g, Tensor) or not g.is_floating_point():
+            raise TypeError(f"{prefix}task_grads for {name!r} must be a floating tensor, "
+                            f"got {type(g).__name__}")
+        if tuple(g.shape) != (T, *p.shape):
+            raise ValueError(f"{prefix}task_grads for {name!r} must have shape "
+                             f"{(T, *p.shape)}, got {tuple(g.shape)}")
+        if g.device != p.device:
+            raise ValueError(f"{prefix}task_grads for {name!r} is on {g.device} but its "
+                             f"parameter is on {p.device}")
+    return items
+
+
+def check_generator(generator: object, who: str | None = None) -> torch.Generator | None:
+    """A ``torch.Generator`` or None (``TypeError`` otherwise)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        prefix = "" if who is None else f"{who}: "
+        raise TypeError(f"{prefix}generator must be a torch.Generator or None, "
+                        f"got {type(generator).__name__}")
+    return generator
+
+
+def generator_state(generator: torch.Generator | None) -> Tensor | None:
+    """The generator's state for a ``state_dict`` (None without a generator)."""
+    return None if generator is None else generator.get_state()
+
+
+def load_generator_state(generator: torch.Generator | None, state: Tensor | None,
+                         who: str) -> None:
+    """Restore ``generator_state``'s result (a state for no generator is a ``ValueError``)."""
+    if state is None:
+        return
+    if generator is None:
+        raise ValueError(f"{who}.load_state_dict: the state holds a generator state but this "
+                         f"{who} has no generator")
+    generator.set_state(state)

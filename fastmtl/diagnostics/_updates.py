@@ -19,17 +19,18 @@ call, per tracked parameter.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fastmtl._checks import check_task_grads
 from fastmtl.ops._common import acc_dtype
 from fastmtl.optim.adatask import AdaTaskAdagrad, AdaTaskAdam, AdaTaskRMSprop
 
-__all__ = ["ADATASK", "adam_updates", "adatask_updates", "group_of", "task_grads_list"]
+__all__ = ["ADATASK", "adam_updates", "adatask_updates", "group_of"]
 
 ADATASK = {AdaTaskAdam: "adam", AdaTaskRMSprop: "rmsprop", AdaTaskAdagrad: "adagrad"}
 
@@ -47,39 +48,6 @@ def group_of(optimizer: Optimizer, params: Sequence[Tensor],
                              f"{type(optimizer).__name__}'s param_groups")
         out.append(groups[id(p)])
     return out
-
-
-def task_grads_list(task_grads: Any, params: Sequence[Tensor], names: Sequence[str],
-                    T: int) -> list[Tensor | None]:
-    """Per-task gradients (T, *p.shape) per tracked parameter from a list in tracked order or a
-    dict keyed by parameter (missing keys and ``None`` entries: None)."""
-    if isinstance(task_grads, Mapping):
-        by_id = {id(p): g for p, g in task_grads.items()}
-        tracked = {id(p) for p in params}
-        if set(by_id) - tracked:
-            raise ValueError(f"{_WHO}: task_grads has keys that are not tracked parameters")
-        items = [by_id.get(id(p)) for p in params]
-    elif isinstance(task_grads, Sequence) and not isinstance(task_grads, Tensor):
-        if len(task_grads) != len(params):
-            raise ValueError(f"{_WHO}: task_grads has {len(task_grads)} entries for "
-                             f"{len(params)} tracked parameters")
-        items = list(task_grads)
-    else:
-        raise TypeError(f"{_WHO}: task_grads must be a list (in tracked-parameter order) or a "
-                        f"dict keyed by parameter, got {type(task_grads).__name__}")
-    for g, p, name in zip(items, params, names):
-        if g is None:
-            continue
-        if not isinstance(g, Tensor) or not g.is_floating_point():
-            raise TypeError(f"{_WHO}: task_grads for {name!r} must be a floating tensor, "
-                            f"got {type(g).__name__}")
-        if tuple(g.shape) != (T, *p.shape):
-            raise ValueError(f"{_WHO}: task_grads for {name!r} must have shape "
-                             f"{(T, *p.shape)}, got {tuple(g.shape)}")
-        if g.device != p.device:
-            raise ValueError(f"{_WHO}: task_grads for {name!r} is on {g.device} but its "
-                             f"parameter is on {p.device}")
-    return items
 
 
 def _moved(step: Tensor, seen: list[Tensor | None], i: int) -> Tensor:
@@ -120,7 +88,8 @@ def adatask_updates(optimizer: Optimizer, params: Sequence[Tensor], names: Seque
             raise ValueError(f"{_WHO}: {type(optimizer).__name__}'s per-task step needs the "
                              "per-task gradients of the step: pass task_grads (only "
                              "AdaTaskAdam's step can be read from its state alone)")
-        grads = task_grads_list(task_grads, params, names, T)
+        grads = check_task_grads(task_grads, params, T, names=names, who=_WHO,
+                             kind="tracked")
     out = []
     for i, (p, group) in enumerate(zip(params, groups)):
         state = optimizer.state.get(p)
@@ -160,7 +129,8 @@ def adam_updates(optimizer: Optimizer, params: Sequence[Tensor], names: Sequence
         raise ValueError(f"{_WHO}: torch.optim.Adam keeps no per-task state: pass task_grads, "
                          "the per-task gradients whose sum Adam stepped on")
     groups = group_of(optimizer, params, names)
-    grads = task_grads_list(task_grads, params, names, T)
+    grads = check_task_grads(task_grads, params, T, names=names, who=_WHO,
+                             kind="tracked")
     out = []
     for i, (p, group, g) in enumerate(zip(params, groups, grads)):
         state = optimizer.state.get(p)

@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastmtl._checks import check_bool, check_int, check_number
+from fastmtl._checks import check_bool, check_int, check_number, check_task_grads
 from fastmtl.engine.base import check_engine_name, check_losses_list
 from fastmtl.engine.task_gradients import TaskGradients
 from fastmtl.ops import adatask as adatask_ops
@@ -172,32 +172,13 @@ class _AdaTask(Optimizer):
 
     def _explicit(self, task_grads: Any) -> None:
         shared = self.shared_params()
-        if isinstance(task_grads, Mapping):
-            by_id = {id(p): g for p, g in task_grads.items()}
-            unknown = set(by_id) - {id(p) for p in shared}
-            if unknown:
-                raise ValueError("task_grads has keys that are not shared parameters")
-            items = [by_id.get(id(p)) for p in shared]
-        elif isinstance(task_grads, Sequence) and not isinstance(task_grads, Tensor):
-            if len(task_grads) != len(shared):
-                raise ValueError(f"task_grads has {len(task_grads)} entries for "
-                                 f"{len(shared)} shared parameters")
-            items = list(task_grads)
-        else:
-            raise TypeError("task_grads must be a list (in shared-parameter order) or a dict "
-                            f"keyed by parameter, got {type(task_grads).__name__}")
+        items = check_task_grads(task_grads, shared, self.num_tasks)
         self._task_grads.clear()
         self._reached.clear()
         T = self.num_tasks
-        for k, (p, g) in enumerate(zip(shared, items)):
+        for p, g in zip(shared, items):
             if g is None:
                 continue
-            if not isinstance(g, Tensor) or tuple(g.shape) != (T, *p.shape):
-                raise ValueError(f"task_grads[{k}] must be a tensor of shape {(T, *p.shape)}, "
-                                 f"got {getattr(g, 'shape', type(g).__name__)}")
-            if g.device != p.device:
-                raise ValueError(f"task_grads[{k}] is on {g.device} but its parameter is on "
-                                 f"{p.device}")
             self._task_grads[id(p)] = g.detach().to(p.dtype).contiguous()
             self._reached[id(p)] = (True,) * T
 

@@ -31,7 +31,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastmtl._checks import check_bool, check_choice, check_int, check_number
+from fastmtl._checks import (
+    check_bool,
+    check_choice,
+    check_generator,
+    check_int,
+    check_number,
+    generator_state,
+    load_generator_state,
+)
 from fastmtl.pamal.alpha import sample_alpha, use_alpha
 from fastmtl.pamal.inner import INNER_METHODS, LossWindow, task_gradient_norms
 from fastmtl.pamal.layers import subspace_layers
@@ -107,10 +115,7 @@ class PaMaL:
         self.inner = check_choice("inner", inner, INNER_METHODS, who=who)
         self.gradnorm_eps = check_number("gradnorm_eps", gradnorm_eps, low=0, who=who)
         self.precompute = check_bool("precompute", precompute, who=who)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"PaMaL: generator must be a torch.Generator or None, "
-                            f"got {type(generator).__name__}")
-        self.generator = generator
+        self.generator = check_generator(generator, "PaMaL")
         self.forward = forward if forward is not None else (lambda m, x: m(x))
         self.shared = None if shared is None else list(shared)
         self.loss_window = LossWindow(self.num_tasks, rwa_window)
@@ -174,19 +179,14 @@ class PaMaL:
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state and the "rwa" loss window."""
-        return {"generator_state": None if self.generator is None
-                else self.generator.get_state(),
+        return {"generator_state": generator_state(self.generator),
                 "loss_window": self.loss_window.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != {"generator_state", "loss_window"}:
             raise ValueError(f"PaMaL.load_state_dict expects keys ['generator_state', "
                              f"'loss_window'], got {sorted(state)}")
-        if state["generator_state"] is not None:
-            if self.generator is None:
-                raise ValueError("PaMaL.load_state_dict: the state holds a generator state but "
-                                 "this PaMaL has no generator")
-            self.generator.set_state(state["generator_state"])
+        load_generator_state(self.generator, state["generator_state"], "PaMaL")
         self.loss_window.load_state_dict(state["loss_window"])
 
     def __repr__(self) -> str:

@@ -36,7 +36,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastmtl._checks import check_bool, check_choice
+from fastmtl._checks import (
+    check_bool,
+    check_choice,
+    check_generator,
+    generator_state,
+    load_generator_state,
+)
 from fastmtl.weighting.base import check_num_tasks, stack_losses
 
 __all__ = ["RLW"]
@@ -61,12 +67,9 @@ class RLW:
         self.num_tasks = check_num_tasks(num_tasks)
         check_choice("distribution", distribution, _DISTRIBUTIONS)
         check_bool("rescale", rescale)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, "
-                            f"got {type(generator).__name__}")
         self.distribution = distribution
         self.rescale = rescale
-        self.generator = generator
+        self.generator = check_generator(generator)
         self.check = check
         self.last_weights: Tensor | None = None
 
@@ -95,18 +98,13 @@ class RLW:
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state (None without a generator): RLW has no other state."""
-        return {"generator_state": None if self.generator is None
-                else self.generator.get_state()}
+        return {"generator_state": generator_state(self.generator)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != {"generator_state"}:
             raise ValueError(f"RLW.load_state_dict expects keys ['generator_state'], "
                              f"got {sorted(state)}")
-        if state["generator_state"] is not None:
-            if self.generator is None:
-                raise ValueError("RLW.load_state_dict: the state holds a generator state but "
-                                 "this RLW has no generator")
-            self.generator.set_state(state["generator_state"])
+        load_generator_state(self.generator, state["generator_state"], "RLW")
 
     def __repr__(self) -> str:
         return (f"RLW(num_tasks={self.num_tasks}, distribution={self.distribution!r}, "
