@@ -68,7 +68,7 @@ check-cuda:
 		spec = importlib.util.spec_from_file_location('fastmtl._C', \
 			glob.glob('build/cuda-check/lib/fastmtl/_C*.so')[0]); \
 		m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); \
-		assert all(callable(getattr(m, f, None)) for f in ('gram', 'combine', 'project', 'trial_points')), dir(m)"
+		assert all(callable(getattr(m, f, None)) for f in ('gram', 'combine', 'project', 'trial_points', 'adatask')), dir(m)"
 	@echo "check-cuda: csrc/ compiled against torch $(CUDA_TORCH_VERSION) and loads"
 
 clean:

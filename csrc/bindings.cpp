@@ -10,6 +10,12 @@ void combine_cuda(const at::Tensor& w, const at::Tensor& G, at::Tensor& out,  //
 void project_cuda(const at::Tensor& C, const at::Tensor& G, at::Tensor& out);  // project.cu
 void trial_points_cuda(const at::Tensor& z, const at::Tensor& d,  // trial_points.cu
                        const at::Tensor& steps, at::Tensor& out);
+void adatask_cuda(const at::Tensor& ptrs, const at::Tensor& sizes,  // adatask.cu
+                  const at::Tensor& blocks, const std::optional<at::Tensor>& active,
+                  const at::Tensor& param_like, const at::Tensor& grad_like,
+                  const at::Tensor& state_like, int64_t block, int64_t algo, double lr,
+                  double weight_decay, double eps, double a, double b, double lr_decay,
+                  bool amsgrad, bool maximize, bool decoupled);
 }  // namespace fastmtl
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -30,4 +36,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("steps"), py::arg("out"),
         "out[k] = z - steps[k] d for contiguous z, d (N,) of one dtype, steps (K,) in the "
         "accumulation dtype, out (K, N) contiguous in z's dtype; z and d read once.");
+  m.def("adatask", &fastmtl::adatask_cuda, py::arg("ptrs"), py::arg("sizes"),
+        py::arg("blocks"), py::arg("active"), py::arg("param_like"), py::arg("grad_like"),
+        py::arg("state_like"), py::arg("block"), py::arg("algo"), py::arg("lr"),
+        py::arg("weight_decay"), py::arg("eps"), py::arg("a"), py::arg("b"),
+        py::arg("lr_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
+        "AdaTask update (algo 0/1/2: Adam/RMSprop/Adagrad) of every tensor of the address "
+        "tables of fastmtl.ops.adatask._launch_tables in one launch; active None or (P, T) "
+        "int8; arithmetic in float32 (float64 for float64 params).");
 }

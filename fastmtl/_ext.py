@@ -37,3 +37,20 @@ def project(C: Tensor, G: Tensor, out: Tensor) -> None:
 
 def trial_points(z: Tensor, d: Tensor, steps: Tensor, out: Tensor) -> None:
     _C.trial_points(z, d, steps, out)
+
+
+ADATASK_BLOCK = 1024  # elements per CUDA block of the AdaTask kernel (kAdataskBlock in csrc/)
+
+
+def adatask(algo: int, params, grads, exp_avgs, exp_avg_sqs, maxes, steps, active, *,
+            lr: float, weight_decay: float, eps: float, a: float, b: float, lr_decay: float,
+            amsgrad: bool, maximize: bool, decoupled: bool) -> None:
+    # Same arguments as fastmtl.kernels.adatask.launch; the tables are built by the op module.
+    from fastmtl.ops.adatask import _launch_tables
+
+    ptrs, sizes, blocks = _launch_tables(params, grads, exp_avgs, exp_avg_sqs, maxes, steps,
+                                         ADATASK_BLOCK)
+    if blocks.shape[0] == 0:
+        return
+    _C.adatask(ptrs, sizes, blocks, active, params[0], grads[0], exp_avg_sqs[0], ADATASK_BLOCK,
+               algo, lr, weight_decay, eps, a, b, lr_decay, amsgrad, maximize, decoupled)

@@ -24,13 +24,13 @@ moments (e.g. bfloat16).
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 from fastmtl.kernels._utils import INTERPRET, device_guard
+
+from fastmtl.ops.adatask import _launch_tables
 
 __all__ = ["launch"]
 
@@ -126,19 +126,6 @@ def _split(x: float) -> tuple[float, float]:
     return hi, float(np.float32(x - hi))
 
 
-@functools.lru_cache(maxsize=64)
-def _tables(key: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Address table (6, P), sizes (2, P) (numel, gradient row stride) and the block table
-    (programs, 2) of one tensor list; ``key`` holds every address, so a hit is always valid
-    (rebuilt, with a host-to-device copy, only when an address or size changes)."""
-    cols = list(zip(*key))
-    ptrs = torch.tensor([cols[0], cols[1], cols[3], cols[4], cols[5], cols[6]], dtype=torch.int64)
-    sizes = torch.tensor([cols[7], cols[2]], dtype=torch.int64)
-    blocks = torch.tensor([(i, s) for i, n in enumerate(cols[7]) for s in range(0, n, _BLOCK)],
-                          dtype=torch.int32).reshape(-1, 2)
-    return ptrs.to(device), sizes.to(device), blocks.to(device)
-
-
 def launch(algo: int, params, grads, exp_avgs, exp_avg_sqs, maxes, steps, active, *, lr: float,
            weight_decay: float, eps: float, a: float, b: float, lr_decay: float,
            amsgrad: bool, maximize: bool, decoupled: bool) -> None:
@@ -147,10 +134,8 @@ def launch(algo: int, params, grads, exp_avgs, exp_avg_sqs, maxes, steps, active
     (already incremented), ``active`` None or a (P, T) int8 device tensor; ``maxes`` the
     amsgrad buffers or the second moments again."""
     T = grads[0].shape[0]
-    key = tuple((p.data_ptr(), g.data_ptr(), g.stride(0), m.data_ptr(), v.data_ptr(),
-                 x.data_ptr(), s.data_ptr(), p.numel())
-                for p, g, m, v, x, s in zip(params, grads, exp_avgs, exp_avg_sqs, maxes, steps))
-    ptrs, sizes, blocks = _tables(key, params[0].device)
+    ptrs, sizes, blocks = _launch_tables(params, grads, exp_avgs, exp_avg_sqs, maxes, steps,
+                                         _BLOCK)
     if blocks.shape[0] == 0:
         return
     cdt = tl.float64 if params[0].dtype == torch.float64 else tl.float32

@@ -29,9 +29,10 @@ parameters' or a lower one such as bfloat16: storage only, arithmetic in float32
 float32 on the parameters' device. Implementations (``fastmtl.backend``):
 
 ==========  =========================================================================
+"cuda"      the same multi-tensor launch as "triton" in the compiled extension
+            (``csrc/adatask.cu``), through the same address and block tables
 "triton"    one multi-tensor launch per call (``fastmtl.kernels.adatask``): θ read and
             written once, T gradients read, 2T moments read and written; no host sync
-            ("cuda" uses it too: the extension has no AdaTask kernel yet)
 "torch"     per task, torch's own optimizer functions on the list of that task's
             tensors (``_fused_adam_``/``_fused_adagrad_`` on CPU where torch has them,
             else foreach), after applying the decay once; moments in another dtype than
@@ -43,6 +44,7 @@ float32 on the parameters' device. Implementations (``fastmtl.backend``):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -233,6 +235,31 @@ def torch_per_task(algo: str, params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                         **common)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_tables(key: tuple, device: torch.device,
+                   block: int) -> tuple[Tensor, Tensor, Tensor]:
+    cols = list(zip(*key))
+    ptrs = torch.tensor([cols[0], cols[1], cols[3], cols[4], cols[5], cols[6]], dtype=torch.int64)
+    sizes = torch.tensor([cols[7], cols[2]], dtype=torch.int64)
+    blocks = torch.tensor([(i, s) for i, n in enumerate(cols[7]) for s in range(0, n, block)],
+                          dtype=torch.int32).reshape(-1, 2)
+    return ptrs.to(device), sizes.to(device), blocks.to(device)
+
+
+def _launch_tables(params, grads, exp_avgs, exp_avg_sqs, maxes, steps,
+                   block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The tables of the multi-tensor launchers ("triton" and "cuda"), on the params' device:
+    addresses (6, P) int64 (rows: param, grad, exp_avg, exp_avg_sq, max / second moment, step),
+    sizes (2, P) int64 (rows: numel, gradient row stride) and blocks (programs, 2) int32
+    ((tensor, first element) of each program of ``block`` elements). Cached on every address
+    and size, so a hit is always valid (rebuilt, with a host-to-device copy, only when an
+    address or size changes)."""
+    key = tuple((p.data_ptr(), g.data_ptr(), g.stride(0), m.data_ptr(), v.data_ptr(),
+                 x.data_ptr(), s.data_ptr(), p.numel())
+                for p, g, m, v, x, s in zip(params, grads, exp_avgs, exp_avg_sqs, maxes, steps))
+    return _cached_tables(key, params[0].device, block)
+
+
 _ALGO_INDEX = {name: k for k, name in enumerate(ALGORITHMS)}
 _TORCH_FUSED_CPU = ("adam", "adagrad")  # torch has _fused_adam_ / _fused_adagrad_ for CPU
 
@@ -262,7 +289,8 @@ def _update(op: str, algo: str, params, grads, exp_avgs, exp_avg_sqs, state_step
             else:
                 flags = active.to(device=params[0].device, dtype=torch.int8)
                 torch._foreach_add_(steps, list(flags.to(torch.float32).unbind(0)))
-            kernel("adatask", "triton")(
+            # Both launchers take the same arguments ("cuda": fastmtl._ext.adatask).
+            kernel("adatask", name)(
                 _ALGO_INDEX[algo], params, flat, exp_avgs, lists["exp_avg_sqs"],
                 maxes if maxes is not None else lists["exp_avg_sqs"], steps, flags,
                 lr=hyper["lr"], weight_decay=hyper["weight_decay"], eps=hyper["eps"],
