@@ -265,20 +265,24 @@ _TORCH_FUSED_CPU = ("adam", "adagrad")  # torch has _fused_adam_ / _fused_adagra
 
 
 def _update(op: str, algo: str, params, grads, exp_avgs, exp_avg_sqs, state_steps, maxes,
-            active, hyper: dict) -> None:
+            active, hyper: dict, validate: bool) -> None:
     moments = {"exp_avg_sqs": exp_avg_sqs}
     if algo == "adam":
         moments["exp_avgs"] = exp_avgs
     if maxes is not None:
         moments["max_exp_avg_sqs"] = maxes
-    params, flat, lists, steps, active, T = _check(op, params, grads, moments, state_steps,
-                                                   active)
+    if validate:
+        params, flat, lists, steps, active, T = _check(op, params, grads, moments, state_steps,
+                                                       active)
+        for key in ("lr", "eps", "weight_decay", "a", "b", "lr_decay"):
+            check_number(key, hyper[key], low=0, who=op)
+        check_bool("maximize", hyper["maximize"], who=op)
+        check_bool("decoupled_weight_decay", hyper["decoupled_weight_decay"], who=op)
+    else:  # the caller built these lists (the optimizers): the same, without the checks
+        lists, steps = moments, state_steps
+        flat = [g.reshape(g.shape[0], -1) for g in grads]
     if not params:
         return
-    for key in ("lr", "eps", "weight_decay", "a", "b", "lr_decay"):
-        check_number(key, hyper[key], low=0, who=op)
-    check_bool("maximize", hyper["maximize"], who=op)
-    check_bool("decoupled_weight_decay", hyper["decoupled_weight_decay"], who=op)
     name = select(params[0])
     exp_avgs = lists.get("exp_avgs", lists["exp_avg_sqs"])
     with torch.no_grad():
@@ -313,33 +317,38 @@ def adatask_adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
                   max_exp_avg_sqs: list[Tensor] | None = None, active: Tensor | None = None,
                   lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                   weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
-                  maximize: bool = False) -> None:
+                  maximize: bool = False, validate: bool = True) -> None:
     """AdaTask-Adam in place on lists (module docstring); ``max_exp_avg_sqs`` turns on
-    amsgrad; ``active`` (P, T) bool: which tasks update which parameter (default: all)."""
+    amsgrad; ``active`` (P, T) bool: which tasks update which parameter (default: all).
+    ``validate=False`` skips the input checks (for callers that built the lists themselves,
+    like ``fm.optim.AdaTaskAdam``: a bad list is then undefined behaviour in a kernel)."""
     _update("adatask_adam_", "adam", params, grads, exp_avgs, exp_avg_sqs, state_steps,
             max_exp_avg_sqs, active,
             dict(lr=lr, a=beta1, b=beta2, eps=eps, lr_decay=0.0, weight_decay=weight_decay,
-                 decoupled_weight_decay=decoupled_weight_decay, maximize=maximize))
+                 decoupled_weight_decay=decoupled_weight_decay, maximize=maximize), validate)
 
 
 def adatask_rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor],
                      state_steps: list[Tensor], *, active: Tensor | None = None, lr: float,
                      alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
-                     decoupled_weight_decay: bool = False, maximize: bool = False) -> None:
+                     decoupled_weight_decay: bool = False, maximize: bool = False,
+                     validate: bool = True) -> None:
     """AdaTask-RMSprop in place on lists (module docstring; no momentum, not centered: those
-    run on the optimizer's torch paths)."""
+    run on the optimizer's torch paths); ``validate`` as in ``adatask_adam_``."""
     _update("adatask_rmsprop_", "rmsprop", params, grads, None, square_avgs, state_steps,
             None, active,
             dict(lr=lr, a=alpha, b=0.0, eps=eps, lr_decay=0.0, weight_decay=weight_decay,
-                 decoupled_weight_decay=decoupled_weight_decay, maximize=maximize))
+                 decoupled_weight_decay=decoupled_weight_decay, maximize=maximize), validate)
 
 
 def adatask_adagrad_(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor],
                      state_steps: list[Tensor], *, active: Tensor | None = None, lr: float,
                      lr_decay: float = 0.0, eps: float = 1e-10, weight_decay: float = 0.0,
-                     decoupled_weight_decay: bool = False, maximize: bool = False) -> None:
-    """AdaTask-Adagrad in place on lists (module docstring)."""
+                     decoupled_weight_decay: bool = False, maximize: bool = False,
+                     validate: bool = True) -> None:
+    """AdaTask-Adagrad in place on lists (module docstring); ``validate`` as in
+    ``adatask_adam_``."""
     _update("adatask_adagrad_", "adagrad", params, grads, None, state_sums, state_steps,
             None, active,
             dict(lr=lr, a=0.0, b=0.0, eps=eps, lr_decay=lr_decay, weight_decay=weight_decay,
-                 decoupled_weight_decay=decoupled_weight_decay, maximize=maximize))
+                 decoupled_weight_decay=decoupled_weight_decay, maximize=maximize), validate)

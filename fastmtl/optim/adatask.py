@@ -292,6 +292,9 @@ class _AdaTask(Optimizer):
                     decoupled_weight_decay=group["decoupled_weight_decay"],
                     maximize=group["maximize"])
 
+    def _fused_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._common(group), validate=False)
+
     def _foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         if group["foreach"] is not None:
             return bool(group["foreach"])
@@ -348,7 +351,7 @@ class AdaTaskAdam(_AdaTask):
         adatask_ops.adatask_adam_(
             params, grads, moments["exp_avg"], moments["exp_avg_sq"], steps,
             max_exp_avg_sqs=moments.get("max_exp_avg_sq"), active=active, beta1=beta1,
-            beta2=beta2, **self._common(group))
+            beta2=beta2, **self._fused_kwargs(group))
 
     def _torch(self, group, params, grads, moments, steps, active) -> None:
         beta1, beta2 = group["betas"]
@@ -405,7 +408,7 @@ class AdaTaskRMSprop(_AdaTask):
 
     def _fused(self, group, params, grads, moments, steps, active) -> None:
         adatask_ops.adatask_rmsprop_(params, grads, moments["square_avg"], steps, active=active,
-                                     alpha=group["alpha"], **self._common(group))
+                                     alpha=group["alpha"], **self._fused_kwargs(group))
 
     def _torch(self, group, params, grads, moments, steps, active) -> None:
         adatask_ops.torch_per_task(
@@ -450,7 +453,7 @@ class AdaTaskAdagrad(_AdaTask):
 
     def _fused(self, group, params, grads, moments, steps, active) -> None:
         adatask_ops.adatask_adagrad_(params, grads, moments["sum"], steps, active=active,
-                                     lr_decay=group["lr_decay"], **self._common(group))
+                                     lr_decay=group["lr_decay"], **self._fused_kwargs(group))
 
     def _torch(self, group, params, grads, moments, steps, active) -> None:
         adatask_ops.torch_per_task(
