@@ -345,3 +345,36 @@ def test_backends_quadratic_and_mlp(device, backend, batched):
     assert [float(i.step_size) for i in infos] == [float(i.step_size) for i in infos_ref]
     for p, q in zip(state, state_ref):
         torch.testing.assert_close(p, q)
+
+
+def test_batched_heads_fast_path_matches_per_trial_losses():
+    """MLP heads (Linear + elementwise activations, with/without bias, nested, eval dropout)
+    take the batched-matmul path; other heads (LayerNorm) vmap; every (k, i) entry equals
+    the loss of head i at θ_i − t_k g_i on z − t_k d, computed trial by trial."""
+    from fastmtl.linesearch.heads import (
+        ModuleState,
+        _linear_chain,
+        batched_head_losses,
+        head_losses,
+    )
+    from fastmtl.ops.trial_points import trial_points
+
+    torch.manual_seed(3)
+    heads = [nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Sequential(nn.Linear(5, 3), nn.Tanh())),
+             nn.Linear(6, 3, bias=False),
+             nn.Sequential(nn.Dropout(0.3), nn.Linear(6, 3)).eval(),
+             nn.Sequential(nn.Linear(6, 3), nn.LayerNorm(3))]
+    assert [(_linear_chain(h) is not None) for h in heads] == [True, True, True, False]
+    z, d = torch.randn(4, 6), torch.randn(4, 6)
+    ys = [torch.randint(0, 3, (4,)) for _ in heads]
+    for h in heads:
+        for p in h.parameters():
+            p.grad = torch.randn_like(p)
+    states = [ModuleState(h) for h in heads]
+    fns = [F.cross_entropy] * len(heads)
+    steps = 0.5 * 0.5 ** torch.arange(5.0)
+    with torch.no_grad():
+        table = batched_head_losses(states, fns, ys, trial_points(z, d, steps), steps)
+        rows = [head_losses(states, fns, ys, trial_points(z, d, steps[k:k + 1])[0],
+                            [s.at(steps[k:k + 1]) for s in states]) for k in range(5)]
+    torch.testing.assert_close(table, torch.stack(rows), rtol=1e-5, atol=1e-6)

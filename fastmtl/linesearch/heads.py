@@ -3,8 +3,10 @@
 - ``sequential``: ``torch.func.functional_call`` at θ − t g for one step t (a plain forward).
 - ``batched``: the parameters of all K trials stacked into (K, *θ.shape) tensors by
   ``fm.ops.trial_points`` and the module run once under ``torch.vmap`` over them (and over
-  the K inputs). A module torch cannot vmap raises; the callers then fall back to
-  ``sequential`` for good (same t, see ``LatentBacktracking``).
+  the K inputs); a head made of ``nn.Linear`` layers and elementwise activations only (the
+  usual MLP head) skips vmap's per-op overhead: batched matmuls over the K parameter sets.
+  A module torch cannot vmap raises; the callers then fall back to ``sequential`` for good
+  (same t, see ``LatentBacktracking``).
 
 Both run under ``torch.no_grad`` (no graph is built for a trial). Modules whose output depends
 on ``training`` (dropout, batch norm, instance norm with running statistics) are evaluated in
@@ -91,10 +93,62 @@ def head_losses(heads: Sequence[ModuleState], loss_fns: Sequence[Callable], targ
     return torch.stack([loss.reshape(()) for loss in out])
 
 
+_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU,
+                nn.Softplus, nn.Identity)
+
+
+def _linear_chain(module: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The layers of a head made only of ``nn.Linear`` and elementwise activations (nested
+    ``nn.Sequential`` allowed, dropout in eval mode is skipped) with their parameter-name
+    prefixes, or None for any other head."""
+    chain: list[tuple[str, nn.Module]] = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Sequential):
+            continue
+        if isinstance(sub, nn.Linear):
+            chain.append((f"{name}." if name else "", sub))
+        elif isinstance(sub, _ELEMENTWISE):
+            chain.append((name, sub))
+        elif isinstance(sub, nn.modules.dropout._DropoutNd) and not sub.training:
+            continue
+        else:
+            return None
+    linear = [m for _, m in chain if isinstance(m, nn.Linear)]
+    counted = sum(2 if m.bias is not None else 1 for m in linear)
+    if not linear or counted != len(list(module.parameters())):
+        return None
+    return chain
+
+
+def _chain_outputs(chain: list[tuple[str, nn.Module]], params: dict[str, Tensor],
+                   Z: Tensor) -> Tensor:
+    """(K, B, out): the chain at the K stacked parameter sets on Z (K, B, in), by bmm."""
+    X = Z
+    for prefix, layer in chain:
+        if isinstance(layer, nn.Linear):
+            W = params[f"{prefix}weight"].transpose(1, 2)
+            bias = params.get(f"{prefix}bias")
+            X = torch.bmm(X, W) if bias is None else torch.baddbmm(bias.unsqueeze(1), X, W)
+        else:
+            X = layer(X)
+    return X
+
+
 def batched_head_losses(heads: Sequence[ModuleState], loss_fns: Sequence[Callable],
                         targets: Sequence, Z: Tensor, steps: Tensor) -> Tensor:
-    """(K, T): every head at θ_i − t_k g_i on Z[k], in one vmapped call over k."""
-    def one(params: list[dict[str, Tensor]], zk: Tensor) -> Tensor:
-        return head_losses(heads, loss_fns, targets, zk, params)
+    """(K, T): every head at θ_i − t_k g_i on Z[k]. A head that is a chain of linear layers
+    and elementwise activations on (B, features) inputs runs as batched matmuls over k (then
+    its loss once per k); any other head in one vmapped call over k."""
+    columns = []
+    for h, loss_fn, y in zip(heads, loss_fns, targets):
+        chain = _linear_chain(h.module) if Z.dim() == 3 else None
+        if chain is not None:
+            out = _chain_outputs(chain, h.stacked(steps), Z)
+            columns.append(torch.stack([loss_fn(o, y).reshape(()) for o in out.unbind(0)]))
+            continue
 
-    return torch.vmap(one, in_dims=(0, 0))([h.stacked(steps) for h in heads], Z)
+        def one(params: dict[str, Tensor], zk: Tensor, h=h, loss_fn=loss_fn, y=y) -> Tensor:
+            return loss_fn(h.call(params, zk), y).reshape(())
+
+        columns.append(torch.vmap(one, in_dims=(0, 0))(h.stacked(steps), Z))
+    return torch.stack(columns, dim=1)
