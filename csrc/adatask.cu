@@ -14,7 +14,7 @@
 //
 // t = t_k is task k's step counter (float32 on the device, already incremented by the Python
 // side for the active tasks). The tensors are reached through tables built by
-// fastmtl.ops.adatask._launch_tables (the same ones as the Triton kernel):
+// fastmtl.kernels._tables.launch_tables (the same ones as the Triton kernel):
 //   ptrs   (6, P) int64: addresses of param, grad, exp_avg, exp_avg_sq, max (or exp_avg_sq
 //          again), step of tensor i in column i;
 //   sizes  (2, P) int64: numel n_i, gradient row stride;
@@ -53,6 +53,17 @@ struct AdataskArgs {
   double lr, weight_decay, eps, a, b, lr_decay;  // a: β1 (Adam) or α (RMSprop); b: β2 (Adam)
   bool amsgrad, maximize, coupled, decoupled;
 };
+
+// Task k's gradient at element e: ±g (maximize, torch's order: the sign first) plus the
+// coupled decay (λ/T)θ with θ before the step.
+template <typename acc_t, typename param_t>
+__device__ __forceinline__ acc_t task_gradient(const param_t* gk, int64_t e, acc_t theta,
+                                               const AdataskArgs& args, acc_t wd_T) {
+  acc_t g = static_cast<acc_t>(gk[e]);
+  if (args.maximize) g = -g;
+  if (args.coupled) g = g + wd_T * theta;
+  return g;
+}
 
 template <typename param_t, typename state_t, typename acc_t, int ALGO>
 __global__ void __launch_bounds__(kAdataskThreads) adatask_kernel(const AdataskArgs args) {
@@ -122,9 +133,7 @@ __global__ void __launch_bounds__(kAdataskThreads) adatask_kernel(const AdataskA
 #pragma unroll
         for (int j = 0; j < kAdataskItems; ++j) {
           if (!in[j]) continue;
-          acc_t gj = static_cast<acc_t>(gk[idx[j]]);
-          if (args.maximize) gj = -gj;
-          if (args.coupled) gj = gj + wd_T * theta[j];
+          const acc_t gj = task_gradient(gk, idx[j], theta[j], args, wd_T);
           acc_t mj = static_cast<acc_t>(m[row + idx[j]]);
           acc_t vj = static_cast<acc_t>(v[row + idx[j]]);
           // m = lerp(m, g, 1 − β1) (torch.lerp's two formulas); v = β2 v + (1 − β2) g²
@@ -145,9 +154,7 @@ __global__ void __launch_bounds__(kAdataskThreads) adatask_kernel(const AdataskA
 #pragma unroll
         for (int j = 0; j < kAdataskItems; ++j) {
           if (!in[j]) continue;
-          acc_t gj = static_cast<acc_t>(gk[idx[j]]);
-          if (args.maximize) gj = -gj;
-          if (args.coupled) gj = gj + wd_T * theta[j];
+          const acc_t gj = task_gradient(gk, idx[j], theta[j], args, wd_T);
           // v = α v + (1 − α) g²; θ −= η g / (√v + ε)
           acc_t vj = static_cast<acc_t>(v[row + idx[j]]);
           vj = vj * c_a + c_1a * (gj * gj);
@@ -159,9 +166,7 @@ __global__ void __launch_bounds__(kAdataskThreads) adatask_kernel(const AdataskA
 #pragma unroll
         for (int j = 0; j < kAdataskItems; ++j) {
           if (!in[j]) continue;
-          acc_t gj = static_cast<acc_t>(gk[idx[j]]);
-          if (args.maximize) gj = -gj;
-          if (args.coupled) gj = gj + wd_T * theta[j];
+          const acc_t gj = task_gradient(gk, idx[j], theta[j], args, wd_T);
           // s = s + g²; θ −= η_t g / (√s + ε)
           acc_t sj = static_cast<acc_t>(v[row + idx[j]]);
           sj = sj + gj * gj;

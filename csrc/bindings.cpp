@@ -42,6 +42,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight_decay"), py::arg("eps"), py::arg("a"), py::arg("b"),
         py::arg("lr_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
         "AdaTask update (algo 0/1/2: Adam/RMSprop/Adagrad) of every tensor of the address "
-        "tables of fastmtl.ops.adatask._launch_tables in one launch; active None or (P, T) "
+        "tables of fastmtl.kernels._tables.launch_tables in one launch; active None or (P, T) "
         "int8; arithmetic in float32 (float64 for float64 params).");
 }

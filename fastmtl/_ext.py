@@ -45,11 +45,12 @@ ADATASK_BLOCK = 1024  # elements per CUDA block of the AdaTask kernel (kAdataskB
 def adatask(algo: int, params, grads, exp_avgs, exp_avg_sqs, maxes, steps, active, *,
             lr: float, weight_decay: float, eps: float, a: float, b: float, lr_decay: float,
             amsgrad: bool, maximize: bool, decoupled: bool) -> None:
-    # Same arguments as fastmtl.kernels.adatask.launch; the tables are built by the op module.
-    from fastmtl.ops.adatask import _launch_tables
+    # Same arguments as fastmtl.kernels.adatask.launch, the same tables (built by
+    # fastmtl.kernels._tables, which imports torch only).
+    from fastmtl.kernels._tables import launch_tables
 
-    ptrs, sizes, blocks = _launch_tables(params, grads, exp_avgs, exp_avg_sqs, maxes, steps,
-                                         ADATASK_BLOCK)
+    ptrs, sizes, blocks = launch_tables(params, grads, exp_avgs, exp_avg_sqs, maxes, steps,
+                                        ADATASK_BLOCK)
     if blocks.shape[0] == 0:
         return
     _C.adatask(ptrs, sizes, blocks, active, params[0], grads[0], exp_avg_sqs[0], ADATASK_BLOCK,

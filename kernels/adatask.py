@@ -28,9 +28,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from fastmtl.kernels._tables import launch_tables
 from fastmtl.kernels._utils import INTERPRET, device_guard
-
-from fastmtl.ops.adatask import _launch_tables
 
 __all__ = ["launch"]
 
@@ -134,7 +133,7 @@ def launch(algo: int, params, grads, exp_avgs, exp_avg_sqs, maxes, steps, active
     (already incremented), ``active`` None or a (P, T) int8 device tensor; ``maxes`` the
     amsgrad buffers or the second moments again."""
     T = grads[0].shape[0]
-    ptrs, sizes, blocks = _launch_tables(params, grads, exp_avgs, exp_avg_sqs, maxes, steps,
+    ptrs, sizes, blocks = launch_tables(params, grads, exp_avgs, exp_avg_sqs, maxes, steps,
                                          _BLOCK)
     if blocks.shape[0] == 0:
         return
