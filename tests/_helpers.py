@@ -1,5 +1,6 @@
 """Helpers shared by several test modules: the ops' dtypes and inputs, and the aggregator
-checks every method repeats (tracing under ``torch.compile``, non-finite Grams)."""
+checks every method repeats (tracing under ``torch.compile``, non-finite Grams, permutations
+and scaling in float64)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,18 @@ def assert_compiles(agg: Any, K: torch.Tensor, *args: Any) -> None:
     """``agg.weights`` traces with ``fullgraph=True`` and gives the eager weights."""
     compiled = torch.compile(agg.weights, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(K, *args), agg.weights(K, *args))
+
+
+def assert_equivariant_and_scale_free(agg: Any, G: torch.Tensor, rtol: float,
+                                      atol: float) -> None:
+    """For float64 G: the weights permute with the rows of G and do not change under
+    G → 10³G (K → 10⁶K), and the direction scales with G (tighter than the shared property
+    tests, which run every method in float32)."""
+    perm = torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(0))
+    w = agg.weights(G @ G.T)
+    torch.testing.assert_close(agg.weights(G[perm] @ G[perm].T), w[perm], rtol=rtol, atol=atol)
+    torch.testing.assert_close(agg.weights(1e6 * (G @ G.T)), w, rtol=rtol, atol=atol)
+    torch.testing.assert_close(agg(1e-3 * G), 1e-3 * agg(G))
 
 
 def assert_nonfinite_gram_gives_nan(make: Callable[..., Any], T: int = 4) -> None:

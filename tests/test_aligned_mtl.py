@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import assert_compiles, assert_nonfinite_gram_gives_nan
+from _helpers import (
+    assert_compiles,
+    assert_equivariant_and_scale_free,
+    assert_nonfinite_gram_gives_nan,
+)
 from conftest import device_backend_params
 
 from fastmtl.aggregators.aligned_mtl import AlignedMTL
@@ -114,13 +118,7 @@ def test_preferences_and_official_scale():
 
 
 def test_permutation_equivariance_and_scaling():
-    G = gradients(7, seed=4)
-    perm = torch.randperm(7, generator=torch.Generator().manual_seed(0))
-    agg = AlignedMTL()
-    w = agg.weights(G @ G.T)
-    torch.testing.assert_close(agg.weights(G[perm] @ G[perm].T), w[perm], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(agg.weights(1e6 * (G @ G.T)), w, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(agg(1e-3 * G), 1e-3 * agg(G))
+    assert_equivariant_and_scale_free(AlignedMTL(), gradients(7, seed=4), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.compare
@@ -143,12 +141,12 @@ def test_matches_torchjd(T, case, scale):
                                rtol=0, atol=1e-9 * G.norm(dim=1).max().item())
 
 
-@pytest.mark.parametrize("pref", [None, [0.5, 1.0, 2.0, 1.0, 0.5]])
 @pytest.mark.parametrize("T", [2, 5])
-def test_traces_under_torch_compile(T, pref):
+def test_traces_under_torch_compile_with_pref(T):
+    """The default AlignedMTL traces in the shared property tests; here with preferences."""
     G = gradients(T, dtype=torch.float32)
     K = G @ G.T
-    agg = AlignedMTL(pref=None if pref is None else pref[:T], scale="median")
+    agg = AlignedMTL(pref=[0.5, 1.0, 2.0, 1.0, 0.5][:T], scale="median")
     assert_compiles(agg, K)
 
 

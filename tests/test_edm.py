@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import assert_compiles, assert_nonfinite_gram_gives_nan
+from _helpers import assert_equivariant_and_scale_free, assert_nonfinite_gram_gives_nan
 from conftest import device_backend_params
 
 from fastmtl.aggregators.edm import EDM
@@ -124,22 +124,7 @@ def test_backends_agree(device, backend):
 
 
 def test_permutation_equivariance_and_scaling():
-    G = gradients(7, "random", seed=8)
-    perm = torch.randperm(7, generator=torch.Generator().manual_seed(0))
-    agg = EDM()
-    w = agg.weights(G @ G.T)
-    torch.testing.assert_close(agg.weights(G[perm] @ G[perm].T), w[perm], rtol=1e-9, atol=0)
-    # G → cG: the same weights, d scales with G
-    torch.testing.assert_close(agg.weights(1e3 * G @ G.T * 1e3), w, rtol=1e-9, atol=0)
-    torch.testing.assert_close(agg(1e-3 * G), 1e-3 * agg(G))
-
-
-@pytest.mark.parametrize("T", [2, 5])
-def test_traces_under_torch_compile(T):
-    G = gradients(T, dtype=torch.float32)
-    K = G @ G.T
-    agg = EDM()
-    assert_compiles(agg, K)
+    assert_equivariant_and_scale_free(EDM(), gradients(7, "random", seed=8), rtol=1e-9, atol=0)
 
 
 def test_nonfinite_gram_gives_nan_without_checks():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import assert_compiles, assert_nonfinite_gram_gives_nan
+from _helpers import assert_equivariant_and_scale_free, assert_nonfinite_gram_gives_nan
 from conftest import device_backend_params
 
 from fastmtl.aggregators.imtlg import IMTLG
@@ -114,13 +114,7 @@ def test_backends_agree(device, backend, dtype):
 
 
 def test_permutation_equivariance_and_scaling():
-    G = gradients(7, seed=5)
-    perm = torch.randperm(7, generator=torch.Generator().manual_seed(0))
-    agg = IMTLG()
-    w = agg.weights(G @ G.T)
-    torch.testing.assert_close(agg.weights(G[perm] @ G[perm].T), w[perm], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(agg.weights(1e6 * (G @ G.T)), w, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(agg(1e-3 * G), 1e-3 * agg(G))
+    assert_equivariant_and_scale_free(IMTLG(), gradients(7, seed=5), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.compare
@@ -139,14 +133,6 @@ def test_matches_torchjd(T, case):
                                atol=1e-9)
     d = aggregation.IMTLG()(G)
     torch.testing.assert_close(IMTLG()(G), d, rtol=0, atol=1e-9 * G.norm(dim=1).max().item())
-
-
-@pytest.mark.parametrize("T", [2, 5])
-def test_traces_under_torch_compile(T):
-    G = gradients(T, dtype=torch.float32)
-    K = G @ G.T
-    agg = IMTLG()
-    assert_compiles(agg, K)
 
 
 def test_nonfinite_gram_gives_nan_without_checks():
