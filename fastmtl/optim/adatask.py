@@ -198,18 +198,20 @@ class _AdaTask(Optimizer):
             return p.dtype
         return self.moment_dtype
 
-    def _init_moments(self, p: Tensor, rows: int | None, dtype: torch.dtype,
-                      group: dict[str, Any]) -> dict[str, Tensor]:
+    def _moment_fills(self, group: dict[str, Any]) -> dict[str, float]:
+        """The state tensors (shaped like the parameter, with a leading T on shared groups)
+        this group's parameters get, and their initial value."""
         raise NotImplementedError
 
     def _state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         state = self.state[p]
         if not state:
-            rows = self.num_tasks if group["shared"] else None
+            lead = (self.num_tasks,) if group["shared"] else ()  # one row per task
             device = p.device if self._on_device(group) else torch.device("cpu")
-            shape = (rows,) if rows is not None else ()
-            state["step"] = torch.zeros(shape, dtype=torch.float32, device=device)
-            state.update(self._init_moments(p, rows, self._moment_dtype(p, group), group))
+            state["step"] = torch.zeros(lead, dtype=torch.float32, device=device)
+            dtype = self._moment_dtype(p, group)
+            for name, fill in self._moment_fills(group).items():
+                state[name] = torch.full((*lead, *p.shape), fill, dtype=dtype, device=p.device)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -338,13 +340,9 @@ class AdaTaskAdam(_AdaTask):
         super().__init__(params, num_tasks, defaults, task_weights=task_weights,
                          moment_dtype=moment_dtype, engine=engine)
 
-    def _init_moments(self, p, rows, dtype, group):
-        shape = (rows, *p.shape) if rows is not None else p.shape
-        out = {"exp_avg": torch.zeros(shape, dtype=dtype, device=p.device),
-               "exp_avg_sq": torch.zeros(shape, dtype=dtype, device=p.device)}
-        if group["amsgrad"]:
-            out["max_exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
-        return out
+    def _moment_fills(self, group):
+        names = self._moments if group["amsgrad"] else self._moments[:2]
+        return dict.fromkeys(names, 0.0)
 
     def _fused(self, group, params, grads, moments, steps, active) -> None:
         beta1, beta2 = group["betas"]
@@ -397,14 +395,9 @@ class AdaTaskRMSprop(_AdaTask):
     def _unfused_reason(self, group):
         return "RMSprop's momentum or centered options (use foreach)"
 
-    def _init_moments(self, p, rows, dtype, group):
-        shape = (rows, *p.shape) if rows is not None else p.shape
-        out = {"square_avg": torch.zeros(shape, dtype=dtype, device=p.device)}
-        if group["momentum"] > 0:
-            out["momentum_buffer"] = torch.zeros(shape, dtype=dtype, device=p.device)
-        if group["centered"]:
-            out["grad_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
-        return out
+    def _moment_fills(self, group):
+        used = (True, group["momentum"] > 0, group["centered"])
+        return {name: 0.0 for name, on in zip(self._moments, used) if on}
 
     def _fused(self, group, params, grads, moments, steps, active) -> None:
         adatask_ops.adatask_rmsprop_(params, grads, moments["square_avg"], steps, active=active,
@@ -446,10 +439,8 @@ class AdaTaskAdagrad(_AdaTask):
         super().__init__(params, num_tasks, defaults, task_weights=task_weights,
                          moment_dtype=moment_dtype, engine=engine)
 
-    def _init_moments(self, p, rows, dtype, group):
-        shape = (rows, *p.shape) if rows is not None else p.shape
-        return {"sum": torch.full(shape, group["initial_accumulator_value"], dtype=dtype,
-                                  device=p.device)}
+    def _moment_fills(self, group):
+        return {"sum": float(group["initial_accumulator_value"])}
 
     def _fused(self, group, params, grads, moments, steps, active) -> None:
         adatask_ops.adatask_adagrad_(params, grads, moments["sum"], steps, active=active,
