@@ -13,9 +13,9 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_number", "check_seed",
-           "check_generator", "check_task_grads", "checking_values", "generator_state",
-           "load_generator_state"]
+__all__ = ["check_bool", "check_choice", "check_finite_losses", "check_generator", "check_int",
+           "check_number", "check_seed", "check_task_grads", "checking_values",
+           "generator_state", "load_generator_state"]
 
 
 def _fail(who: str | None, name: str, what: str, value: object) -> ValueError:
@@ -152,3 +152,15 @@ def load_generator_state(generator: torch.Generator | None, state: Tensor | None
         raise ValueError(f"{who}.load_state_dict: the state holds a generator state but this "
                          f"{who} has no generator")
     generator.set_state(state)
+
+
+def check_finite_losses(losses: Sequence[Tensor] | Tensor) -> None:
+    """``ValueError`` naming the task indices of non-finite losses (reads them on the host:
+    one synchronisation on CUDA)."""
+    values = (losses.detach() if isinstance(losses, Tensor)
+              else torch.stack([loss.detach().reshape(()) for loss in losses]))
+    values = values.to(torch.float64)
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        raise ValueError(f"non-finite losses at task indices {bad}: {values[bad].tolist()}")

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from fastmtl._checks import check_finite_losses
 from fastmtl.engine import cache
 from fastmtl.engine.base import check_engine_name, check_losses_list, check_shared_params
 from fastmtl.engine.latent import LatentGradients, check_features
@@ -33,14 +34,6 @@ def _check_aggregator(aggregator: object) -> None:
     if not callable(getattr(aggregator, "weights", None)):
         raise TypeError("aggregator must have a weights(K, losses) method (a "
                         f"fastmtl.aggregators.Aggregator), got {type(aggregator).__name__}")
-
-
-def _check_finite(losses: Sequence[Tensor]) -> None:
-    values = torch.stack([loss.detach().to(torch.float64) for loss in losses])
-    finite = torch.isfinite(values)
-    if not bool(finite.all()):
-        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
-        raise ValueError(f"non-finite losses at task indices {bad}: {values[bad].tolist()}")
 
 
 def _resolve_engine(engine: object, params: list[Tensor], latent: bool):
@@ -109,7 +102,7 @@ def mtl_backward(
         raise TypeError("engine must be 'loop', 'vmap', 'auto', a TaskGradients or a "
                         f"LatentGradients, got {type(engine).__name__}")
     if check_finite:
-        _check_finite(losses)
+        check_finite_losses(losses)
     T = len(losses)
     fast = getattr(aggregator, "fast_path", None)
     if fast in ("sum", "mean"):

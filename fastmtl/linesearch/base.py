@@ -15,13 +15,12 @@ scaling is mostly normalised away, so the search has little effect there.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from fastmtl._checks import check_number, checking_values
+from fastmtl._checks import check_finite_losses, check_number, checking_values
 from fastmtl.aggregators import MGDA
 from fastmtl.engine import LatentGradients, TaskGradients
 
@@ -117,9 +116,8 @@ class LineSearchBase:
         return z, [loss.reshape(()) for loss in losses]
 
     def _check_finite(self, L: Tensor) -> None:
-        if checking_values(self.check, L) and not bool(torch.isfinite(L).all()):
-            bad = [i for i, v in enumerate(L.tolist()) if not math.isfinite(v)]
-            raise ValueError(f"non-finite losses at task indices {bad}: {L[bad].tolist()}")
+        if checking_values(self.check, L):
+            check_finite_losses(L)
 
     def _check_descent(self, K: Tensor, w: Tensor, slopes: Tensor, condition: str) -> None:
         """Raise if d is an ascent direction (⟨g_i, d⟩ < 0 beyond rounding) for some task

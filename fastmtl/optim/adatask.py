@@ -62,7 +62,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastmtl._checks import check_bool, check_int, check_number, check_task_grads
+from fastmtl._checks import (
+    check_bool,
+    check_finite_losses,
+    check_int,
+    check_number,
+    check_task_grads,
+)
 from fastmtl.engine.base import check_engine_name, check_losses_list
 from fastmtl.engine.task_gradients import TaskGradients
 from fastmtl.ops import adatask as adatask_ops
@@ -140,9 +146,7 @@ class _AdaTask(Optimizer):
         if len(losses) != self.num_tasks:
             raise ValueError(f"got {len(losses)} losses for num_tasks={self.num_tasks}")
         if check_finite:
-            values = torch.stack([loss.detach() for loss in losses]).cpu()
-            if not torch.isfinite(values).all():
-                raise ValueError(f"non-finite task losses: {values.tolist()}")
+            check_finite_losses(losses)
         if self.task_weights is not None:
             losses = [loss * w for loss, w in zip(losses, self.task_weights)]
         shared = self.shared_params()
