@@ -1,64 +1,46 @@
 """Time per training step: constant LR vs latent backtracking (batched, sequential) vs
-parameter backtracking (Filatov & Merkulov, arXiv:2110.00874), on a small CNN, 3 heads.
+parameter backtracking (Filatov & Merkulov, arXiv:2110.00874), LeNet encoder, 3 heads.
 
     .venv/bin/python -m pytest benchmarks/bench_linesearch.py --benchmark-enable -q
-    .venv/bin/python benchmarks/bench_linesearch.py      # the table of ratios (CPU and GPU)
+    .venv/bin/python benchmarks/bench_linesearch.py [--json PATH]   # training-run table
 
-The model: a LeNet-like encoder (two 5×5 convolutions, 64 features) on 28×28 inputs and
-three MultiLeNet-like heads (64 → 50 → 10), cross-entropy losses, MGDA directions, batch 256
-(64 on CPU). Every method starts from the same weights and lr; the line searches use
-c = 1e-4, shrink 0.5, 10 trials at most. The goal: latent batched <= 1.3x constant LR and
->= 3x faster than parameter backtracking. Each timed step also records the trials it needed.
+The model, data and methods are those of ``fastmtl.bench.linesearch`` (also in ``make bench``):
+a MultiMNIST-like 3-task problem at 28×28, MGDA directions, c = 1e-4, shrink 0.5, 10 trials at
+most. The pytest-benchmark cases time one step from the initial weights (where every search
+passes its first trial: the per-step overhead); ``main`` times whole training runs (the
+paper's per-epoch comparison: the trials each method needs as training goes on are part of
+its cost). Goal: latent batched <= 1.3x constant LR and >= 3x faster than parameter
+backtracking.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import argparse
+import datetime
+import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from fastmtl.linesearch import ConstantStep, LatentBacktracking, ParamBacktracking
+from fastmtl.bench.cli import _commit, _device_name, print_table
+from fastmtl.bench.linesearch import IMPLS, lenet, linesearch_cases, make_search
+from fastmtl.bench.multiglyph import multi_glyphs
 
 T = 3
-IMPLS = ("constant", "latent_batched", "latent_sequential", "param")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def setup(impl: str, device: str, batch: int | None = None, lr: float = 0.5):
-    """(line search, x, targets) for one method, deterministic."""
-    torch.manual_seed(0)
-    batch = batch or (256 if device == "cuda" else 64)
-    encoder = nn.Sequential(
-        nn.Conv2d(1, 10, 5), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Conv2d(10, 20, 5), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
-        nn.Linear(320, 64), nn.ReLU(),
-    ).to(device)
-    heads = [nn.Sequential(nn.Linear(64, 50), nn.ReLU(), nn.Linear(50, 10)).to(device)
-             for _ in range(T)]
-    x = torch.randn(batch, 1, 28, 28, device=device)
-    ys = [torch.randint(0, 10, (batch,), device=device) for _ in range(T)]
-    fns = [F.cross_entropy] * T
-    if impl == "constant":
-        ls = ConstantStep(encoder, heads, fns, lr=lr)
-    elif impl == "param":
-        ls = ParamBacktracking(encoder, heads, fns, lr=lr)
-    else:
-        ls = LatentBacktracking(encoder, heads, fns, lr=lr, batched=impl == "latent_batched")
-    return ls, x, ys
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_linesearch_step(benchmark, device, impl):
-    ls, x, ys = setup(impl, device)
-    ls.step(x, ys)  # warm-up: vmap tracing, kernels
+    batch = 256
+    x, ys = multi_glyphs(batch, tasks=T, size=28)
+    x, ys = x.to(device), [y.to(device) for y in ys]
+    search = make_search(impl, *lenet(T, device), lr=0.5)
+    search.step(x, ys)  # warm-up: vmap tracing, kernels
 
     def step():
-        info = ls.step(x, ys)
+        info = search.step(x, ys)
         if device == "cuda":
             torch.cuda.synchronize()
         return info
@@ -69,35 +51,35 @@ def test_linesearch_step(benchmark, device, impl):
                                 step_size=float(info.step_size))
 
 
-def _timed_step(ls, x, ys, device: str) -> tuple[float, int]:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    info = ls.step(x, ys)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, int(info.trials)
+CONFIGS = [dict(batch=256, lr=0.5), dict(batch=64, lr=0.5), dict(batch=256, lr=0.1)]
 
 
-def main(repeats: int = 40) -> None:
-    """Median ms per step, the methods interleaved step by step (fair on a noisy machine)."""
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="line-search training-run benchmark")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--json", help="also write the rows and metadata to this file")
+    args = parser.parse_args(argv)
+    results = {}
     for device in DEVICES:
-        runs = {impl: setup(impl, device) for impl in IMPLS}
-        for ls, x, ys in runs.values():
-            for _ in range(3):
-                ls.step(x, ys)
-        times: dict[str, list] = {impl: [] for impl in IMPLS}
-        for _ in range(repeats):
-            for impl, (ls, x, ys) in runs.items():
-                times[impl].append(_timed_step(ls, x, ys, device))
-        ms = {impl: 1e3 * statistics.median(t for t, _ in v) for impl, v in times.items()}
-        print(f"{device} ({torch.get_num_threads()} threads)" if device == "cpu"
-              else torch.cuda.get_device_name())
-        for impl in IMPLS:
-            trials = statistics.mean(n for _, n in times[impl])
-            print(f"  {impl:18s} {ms[impl]:8.2f} ms/step  trials {trials:4.1f}  "
-                  f"x constant {ms[impl] / ms['constant']:5.2f}  "
-                  f"param / this {ms['param'] / ms[impl]:5.2f}")
+        rows = []
+        for config in CONFIGS:
+            case = linesearch_cases(device, T=T, steps=args.steps, **config)
+            base = case[0]["ms"]
+            constant = next(r["ms"] for r in case if r["impl"] == "constant lr")
+            for r in case:
+                r["x constant"] = r["ms"] / constant
+                r["fastmtl speed-up"] = r["ms"] / base
+            rows += case
+        print(f"{_device_name(device)}: mean ms per step over {args.steps} training steps")
+        print_table(rows, columns=["case", "impl", "ms", "x constant", "fastmtl speed-up",
+                                   "trials", "loss"])
+        results[_device_name(device)] = rows
+    if args.json:
+        meta = {"device": ", ".join(results), "commit": _commit(), "torch": torch.__version__,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds")}
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "results": results}, fh, indent=1)
 
 
 if __name__ == "__main__":

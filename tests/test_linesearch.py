@@ -14,6 +14,7 @@ from torch.func import functional_call
 from fastmtl.aggregators import Mean, UPGrad
 from fastmtl.backend import use_backend
 from fastmtl.linesearch import ConstantStep, LatentBacktracking, ParamBacktracking, StepInfo
+from fastmtl.linesearch.latent import CPU_TRIALS_PER_CALL
 
 
 def _half_sq(out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -137,13 +138,16 @@ def _run(batched: bool, steps: int = 4, **kw):
     return infos, _state(enc, heads)
 
 
+@pytest.mark.parametrize("per_call", [None, 1, 3, 10], ids=lambda m: f"per_call={m}")
 @pytest.mark.parametrize("kw", [dict(lr=4.0, c=0.3), dict(lr=4.0, c=0.3, warm_start=True),
                                 dict(lr=2.0, c=0.1, armijo="head_grad_norm"),
                                 dict(lr=4.0, c=0.5, condition="mean", shrink=0.7),
                                 dict(lr=50.0, c=0.9, max_trials=2, on_failure="smallest")],
                          ids=["default", "warm", "head_grad_norm", "mean", "smallest"])
-def test_batched_equals_sequential(kw):
-    infos_b, state_b = _run(True, **kw)
+def test_batched_equals_sequential(kw, per_call):
+    """Any number of trials per batched call (None: the CPU default, 10: all in one call,
+    no early stop) picks the same t and the same parameters as one trial at a time."""
+    infos_b, state_b = _run(True, trials_per_call=per_call, **kw)
     infos_s, state_s = _run(False, **kw)
     for ib, is_ in zip(infos_b, infos_s):
         assert torch.equal(ib.step_size, is_.step_size)
@@ -151,6 +155,34 @@ def test_batched_equals_sequential(kw):
         torch.testing.assert_close(ib.losses_after, is_.losses_after)
     for p, q in zip(state_b, state_s):
         assert torch.equal(p, q)
+
+
+class _NormHead(nn.Module):
+    """Not a chain of linear layers (layer norm): the vmapped path, which calls forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.norm = nn.Linear(8, 4), nn.LayerNorm(4)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.lin(z))
+
+
+@pytest.mark.parametrize("per_call", [1, 2, 4, 10, None], ids=lambda m: f"per_call={m}")
+def test_trials_per_call_stops_after_the_passing_call(per_call):
+    """Calls of m trials stop after the call that holds the accepted (n-th) trial:
+    ceil(n / m) vmapped head forwards (None: the CPU default)."""
+    enc, _, x, ys = _mlp(4)
+    torch.manual_seed(7)
+    heads = [_NormHead(), _NormHead()]
+    counts = [0]
+    heads[0].register_forward_hook(lambda *_: counts.__setitem__(0, counts[0] + 1))
+    ls = LatentBacktracking(enc, heads, [F.cross_entropy] * 2, lr=8.0, c=0.3,
+                            trials_per_call=per_call)
+    info = ls.step(x, ys)
+    n, m = int(info.trials), per_call or CPU_TRIALS_PER_CALL
+    assert bool(info.accepted) and n == 6  # several calls for every m < n
+    assert counts[0] == 1 + -(-n // m)  # the training forward, then the trial calls
 
 
 def test_warm_start_next_first_trial():

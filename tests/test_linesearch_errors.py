@@ -36,7 +36,8 @@ def test_bad_construction():
     for kw, match in [({"lr": 0}, "lr"), ({"c": 1.0}, "c must"), ({"shrink": 1.0}, "shrink"),
                       ({"max_trials": 0}, "max_trials"), ({"min_step": -1}, "min_step"),
                       ({"condition": "any"}, "condition"), ({"armijo": "x"}, "armijo"),
-                      ({"on_failure": "retry"}, "on_failure"), ({"batched": 1}, "batched")]:
+                      ({"on_failure": "retry"}, "on_failure"), ({"batched": 1}, "batched"),
+                      ({"trials_per_call": 0}, "trials_per_call")]:
         with pytest.raises(ValueError, match=match):
             LatentBacktracking(enc, heads, fns, **kw)
     with pytest.raises(TypeError, match="optimizer"):

@@ -1,9 +1,6 @@
-"""Latent vs parameter backtracking on a MultiMNIST-like 2-task problem (synthetic, seeded).
-
-Each image overlays two glyphs on a 12×12 canvas: one of 10 fixed random 6×6 patterns near
-the top-left corner (task 1: which one?) and another near the bottom-right (task 2), each
-with a random offset of up to one pixel, plus a little noise. A small CNN encoder, two
-linear heads, cross-entropy losses, MGDA directions, 50 steps of each search.
+"""Latent vs parameter backtracking on a MultiMNIST-like 2-task problem (synthetic, seeded:
+``fastmtl.bench.multiglyph``, 12×12 canvas, 6×6 glyphs). A small CNN encoder, two linear
+heads, cross-entropy losses, MGDA directions, 50 steps of each search.
 """
 
 from __future__ import annotations
@@ -13,25 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmtl.bench.multiglyph import multi_glyphs
 from fastmtl.linesearch import ConstantStep, LatentBacktracking, ParamBacktracking
 
 STEPS = 50
-
-
-def multi_glyphs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x (n, 1, 12, 12), left labels (n,), right labels (n,)), deterministic in ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    glyphs = (torch.rand(10, 6, 6, generator=gen) < 0.45).float()
-    left = torch.randint(0, 10, (n,), generator=gen)
-    right = torch.randint(0, 10, (n,), generator=gen)
-    offsets = torch.randint(0, 2, (n, 4), generator=gen).tolist()
-    x = 0.1 * torch.rand(n, 1, 12, 12, generator=gen)
-    for k, (r1, c1, r2, c2) in enumerate(offsets):
-        a = x[k, 0, r1 : r1 + 6, c1 : c1 + 6]
-        a.copy_(torch.maximum(a, glyphs[left[k]]))
-        b = x[k, 0, 5 + r2 : 11 + r2, 5 + c2 : 11 + c2]
-        b.copy_(torch.maximum(b, glyphs[right[k]]))
-    return x, left, right
 
 
 def _model(seed: int) -> tuple[nn.Module, list[nn.Module]]:
@@ -50,8 +32,7 @@ def _full_losses(encoder, heads, x, ys) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def data():
-    x, left, right = multi_glyphs(256)
-    return x, [left, right]
+    return multi_glyphs(256)
 
 
 @pytest.mark.parametrize("cls,kw", [(LatentBacktracking, {"batched": True}),
@@ -92,7 +73,23 @@ def test_constant_step_baseline(data):
     assert bool((_full_losses(encoder, heads, x, ys) < start).all())
 
 
-def test_generator_is_deterministic():
+def test_generator_is_deterministic_and_labels_match_the_glyphs():
     a, b = multi_glyphs(8, seed=3), multi_glyphs(8, seed=3)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
-    assert a[0].shape == (8, 1, 12, 12) and int(a[1].max()) < 10
+    assert torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[1], b[1]))
+    x, labels = multi_glyphs(64, tasks=3, size=28, seed=1)
+    assert x.shape == (64, 1, 28, 28) and len(labels) == 3
+    assert all(int(y.min()) >= 0 and int(y.max()) < 10 for y in labels)
+    # the same label in corner 0 gives the same glyph there, up to the one-pixel shift and
+    # the other glyphs' overlap: images with equal labels are closer than with different ones
+    corner = (x[:, 0, :13, :13] > 0.5).float().flatten(1)
+    same = labels[0][:, None] == labels[0][None, :]
+    dist = torch.cdist(corner, corner)
+    off = ~torch.eye(64, dtype=torch.bool)
+    assert float(dist[same & off].mean()) < 0.8 * float(dist[~same].mean())
+
+
+def test_generator_bad_arguments():
+    with pytest.raises(ValueError, match="tasks"):
+        multi_glyphs(4, tasks=4)
+    with pytest.raises(ValueError, match="size"):
+        multi_glyphs(4, size=5)

@@ -20,6 +20,7 @@ import torch
 import fastmtl as fm
 from fastmtl.bench.adatask import PARAM_LISTS, adatask_cases
 from fastmtl.bench.cases import Row, combine_cases, gram_cases, mgda_cases
+from fastmtl.bench.linesearch import linesearch_cases
 from fastmtl.bench.steps import step_cases
 from fastmtl.bench.timing import copy_bandwidth_gbs
 
@@ -62,6 +63,10 @@ def run(device: str, quick: bool, smoke: bool = False) -> tuple[list[Row], float
     for name in PARAM_LISTS:
         for T in (2,) if smoke else (2, 5) if quick else (2, 5, 10):
             rows += adatask_cases(device, name, T, scale=16 if smoke else 1)
+    if smoke:
+        rows += linesearch_cases(device, T=2, batch=8, steps=2, warmup=1)
+    else:
+        rows += linesearch_cases(device, T=3, batch=256, steps=100 if quick else 300)
     _add_ratios(rows, floor)
     return rows, floor
 
@@ -83,8 +88,11 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def print_table(rows: list[Row], file=sys.stdout) -> None:
-    cols = ["op", "case", "impl", "ms", "GB/s", "% floor", "fastmtl speed-up"]
+COLUMNS = ["op", "case", "impl", "ms", "GB/s", "% floor", "fastmtl speed-up", "trials", "loss"]
+
+
+def print_table(rows: list[Row], file=sys.stdout, columns: list[str] | None = None) -> None:
+    cols = columns or COLUMNS
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=file)
@@ -108,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         "copy_floor_GBps": floor,
     }
     print(f"fastmtl-bench on {meta['device']} (commit {meta['commit']}, torch {meta['torch']}); "
-          f"copy floor {floor:.1f} GB/s; 'fastmtl speed-up' = impl time / fastmtl time")
+          f"copy floor {floor:.1f} GB/s; 'fastmtl speed-up' = impl time / fastmtl time; line "
+          "search: mean ms per step of a training run, mean trials per step, loss over its "
+          "last 10% of steps")
     print_table(rows)
     if args.json:
         with open(args.json, "w") as fh:

@@ -1,11 +1,12 @@
 """The backtracking loop shared by the latent and the parameter-space searches (not public).
 
 Trial steps t_k = t0 · shrink^k, k < max_trials, with t0 = lr (or the warm start); each trial
-k gives T losses; ``armijo`` decides. ``_sequential`` evaluates the trials one at a time and
-stops at the first that passes (one host synchronisation per trial: Python must know whether
-to go on); the batched paths evaluate all K at once and decide on device. Both fill the same
-(K, T) table (rows never evaluated are NaN and never pass), so the decision is the same
-function of the same numbers.
+k gives T losses; ``armijo`` decides. ``_search`` evaluates the trials in calls of ``m`` rows
+(m = 1: the classical sequential search; m = K: all at once) and stops after the first call
+with a passing row; every call after the first costs one host synchronisation (Python must
+know whether to go on), and m >= K needs none (the decision stays on device). Every m fills
+the same (K, T) table on the rows it evaluates (rows never evaluated are NaN and never pass),
+so the decision is the same function of the same numbers.
 """
 
 from __future__ import annotations
@@ -61,18 +62,21 @@ class Backtracking(LineSearchBase):
         t0 = self._t0 if (self.warm_start and self._t0 is not None) else self.lr
         return trial_steps(t0, self.shrink, self.max_trials, device, dtype)
 
-    def _sequential(self, evaluate: Callable[[Tensor], Tensor], ref: Tensor, slopes: Tensor,
-                    steps: Tensor) -> Tensor:
-        """(K, T) trial losses, evaluated in order until one passes (NaN rows after it)."""
+    def _search(self, evaluate: Callable[[Tensor], Tensor], ref: Tensor, slopes: Tensor,
+                steps: Tensor, per_call: int) -> Tensor:
+        """(K, T) trial losses: ``evaluate(rows)`` -> (m, T) losses at the m steps ``rows``,
+        called on steps[0:m], steps[m:2m], ... until a call holds a passing row (NaN after)."""
         K, T = steps.shape[0], ref.shape[0]
+        if per_call >= K:  # one call, no host synchronisation
+            return evaluate(steps).to(ref.dtype)
         table = torch.full((K, T), float("nan"), dtype=ref.dtype, device=ref.device)
-        for k in range(K):
-            step = steps[k : k + 1]
-            if not bool(step[0] >= self.min_step):  # host sync: the loop must know
+        for start in range(0, K, per_call):
+            rows = steps[start : start + per_call]
+            if not bool(rows[0] >= self.min_step):  # host sync: the loop must know
                 break
-            table[k] = evaluate(step).to(ref.dtype)
-            crit = armijo_margins(table[k : k + 1], ref, slopes, step, self.c)
-            if bool(passing(crit, step, self.condition, self.min_step)[0]):
+            table[start : start + per_call] = evaluate(rows).to(ref.dtype)
+            crit = armijo_margins(table[start : start + per_call], ref, slopes, rows, self.c)
+            if bool(passing(crit, rows, self.condition, self.min_step).any()):
                 break
         return table
 

@@ -28,22 +28,34 @@ One step, for an encoder z = f(x; θ_sh), heads h_i(z; θ_i) and losses L_i:
    θ_i ← θ_i − t ∇_{θ_i} L_i (see ``LineSearchBase`` for ``optimizer=``).
 
 ``batched=True``: the K latent points are built by one ``fm.ops.trial_points`` call, the heads
-run once on all of them under one ``torch.vmap`` over their K stacked parameter sets (also built
-by ``trial_points``), and the K×T table and the choice of t stay on device: no host sync unless
-``on_failure="raise"`` or a value check needs one. It costs K head forwards (all evaluated,
-even when the first passes) and memory for K copies of z and of the heads' parameters; the
-sequential search costs one head forward per trial it needs plus a host sync per trial. On a
-CPU (no sync to save, little launch overhead to amortise) the sequential search is often the
-faster one; the batched one is for GPUs. A head that cannot be vmapped (an op without
+run once on all of them (MLP heads as batched matmuls, any other head under one ``torch.vmap``
+over their K stacked parameter sets, also built by ``trial_points``), and the K×T table and the
+choice of t stay on device: no host sync unless ``on_failure="raise"`` or a value check needs
+one. That costs K head forwards (all evaluated, even when the first passes) and memory for K
+copies of z and of the heads' parameters. ``trials_per_call=m`` evaluates m trials per call and
+stops after the first call holding a passing trial (one host sync per call after the first):
+the default is all K on a GPU, where a sync costs more than K small head forwards, and
+``CPU_TRIALS_PER_CALL`` on a CPU, where a sync is free and unneeded trials are not. The
+sequential search (``batched=False``) is m = 1 through the plain modules: one head forward per
+trial it needs plus a host sync per trial. A head that cannot be vmapped (an op without
 a batching rule, data-dependent control flow) makes this object warn once and use the
-sequential search for good; the sequential search evaluates the same trial points with the same
-arithmetic and stops at the first pass (one host sync per trial), so it picks the same t
-(up to the rounding difference between a vmapped and a plain forward of the heads).
+sequential search for good. Every m evaluates the same trial points with the same arithmetic
+and stops at the first pass, so it picks the same t (up to the rounding difference between a
+batched and a plain forward of the heads).
 
 Not in the paper (whose body was not available; see METHODS.md §1): the batched evaluation,
 the "mean" condition, ``warm_start`` (first trial min(lr, t_prev/ρ), lr after a failure; the
 code restarts at lr every step) and ``on_failure`` (the code stops at t <= 1e-10 and moves
 anyway).
+
+Choosing lr: the Armijo test guards the heads and the latent point, not the encoder, whose
+step moves z by t J_z J_zᵀ d, which can be much more than t d. A t0 far above what the encoder
+tolerates is then accepted anyway. On the LeNet benchmark (``fastmtl.bench.linesearch``,
+batch 64) t0 = 2 blew the encoder up: every loss went back to ln 10 after about 150 steps and
+stayed there. Parameter backtracking from the same t0 kept training (4–9 trials per step).
+With t0 = 0.5 the latent search trained fastest of all the methods. Pick t0 like a constant
+SGD learning rate at the upper end of the stable range: the search then cuts the steps that
+would hurt the heads.
 
 ``losses_after`` is the loss at the accepted trial point (z − t d, θ_i − t∇θ_i): the
 model the search used, not a re-run of the encoder after its step (θ_sh − t J_zᵀ d moves z to
@@ -60,7 +72,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastmtl._checks import check_bool
+from fastmtl._checks import check_bool, check_int
 from fastmtl.linesearch.armijo import StepInfo
 from fastmtl.linesearch.backtracking import Backtracking
 from fastmtl.linesearch.heads import (
@@ -73,7 +85,9 @@ from fastmtl.linesearch.heads import (
 from fastmtl.ops._common import acc_dtype
 from fastmtl.ops.trial_points import trial_points
 
-__all__ = ["LatentBacktracking"]
+__all__ = ["CPU_TRIALS_PER_CALL", "LatentBacktracking"]
+
+CPU_TRIALS_PER_CALL = 2
 
 
 class LatentBacktracking(Backtracking):
@@ -84,14 +98,19 @@ class LatentBacktracking(Backtracking):
         heads: T modules, head i maps z to task i's output.
         loss_fns: T callables, loss_fns[i](heads[i](z), targets[i]) -> scalar tensor.
         direction: an aggregator for the direction in z (default ``MGDA()``).
-        lr: the first trial step t0 (and the update's scale, see ``optimizer``).
+        lr: the first trial step t0 (and the update's scale, see ``optimizer``). Keep it
+            a step the encoder tolerates: the test sees the heads along z − t d, not the
+            encoder's own move (see "Choosing lr" above).
         c: Armijo constant in [0, 1) (1e-4, the textbook value; the paper's is unknown).
         shrink: ρ in (0, 1), t_{k+1} = ρ t_k (0.5 in the code).
         max_trials: K >= 1 trial steps.
         min_step: trial steps below it are not tried (1e-10 in the code).
         condition: "all_tasks" (every task's Armijo test) or "mean" (the mean loss's).
         armijo: "latent" (⟨∇_z L_i, d⟩) or "head_grad_norm" (‖∇_{θ_i} L_i‖², the code's).
-        batched: evaluate all K trials in one vmapped call per head.
+        batched: evaluate the trials in batched calls (all heads, several trials per call).
+        trials_per_call: trials per batched call; the search stops after the first call
+            with a passing trial (a host sync per extra call). Default: all K in one call
+            (no sync) on a GPU, ``CPU_TRIALS_PER_CALL`` on a CPU.
         warm_start: start at min(lr, t_prev / shrink) instead of lr.
         on_failure: no trial passed: "zero" (no update, default), "smallest" (take the
             smallest trial step) or "raise" (``RuntimeError``, after a host sync).
@@ -107,12 +126,14 @@ class LatentBacktracking(Backtracking):
                  c: float = 1e-4, shrink: float = 0.5, max_trials: int = 10,
                  min_step: float = 1e-10, condition: str = "all_tasks", armijo: str = "latent",
                  batched: bool = True, warm_start: bool = False, on_failure: str = "zero", *,
+                 trials_per_call: int | None = None,
                  optimizer: torch.optim.Optimizer | None = None, engine: str = "auto",
                  check: bool | None = None) -> None:
         super().__init__(encoder, heads, loss_fns, direction, lr, c, shrink, max_trials,
                          min_step, condition, armijo, warm_start, on_failure,
                          optimizer=optimizer, engine=engine, check=check)
         self.batched = check_bool("batched", batched)
+        self.trials_per_call = check_int("trials_per_call", trials_per_call, none_ok=True)
         self._vmap_ok: bool | None = None  # None: untried; False: fell back for good
 
     def step(self, x: object, targets: Sequence) -> StepInfo:
@@ -133,24 +154,36 @@ class LatentBacktracking(Backtracking):
                                   [dict(zip(h.names, h.params)) for h in heads]).to(L.dtype)
             table = None
             if self.batched and self._vmap_ok is not False:
-                table = self._batched(heads, targets, z, d, steps)
+                table = self._batched(heads, targets, z, d, ref, slopes, steps)
             if table is None:
-                table = self._sequential(
+                table = self._search(
                     lambda step: head_losses(heads, self.loss_fns, targets,
                                              trial_points(z, d, step)[0],
-                                             [h.at(step) for h in heads]),
-                    ref, slopes, steps)
+                                             [h.at(step) for h in heads]).unsqueeze(0),
+                    ref, slopes, steps, per_call=1)
         t, after, trials, accepted = self._decide(table, ref, slopes, steps)
         self._apply(t)
         return StepInfo(L, after, t, trials, accepted, w, slopes, steps)
 
+    def _per_call(self, device: torch.device) -> int:
+        """Trials per batched call: ``trials_per_call``, or all K off the CPU (no host sync)
+        and ``CPU_TRIALS_PER_CALL`` on it (a sync is free there, evaluating unneeded trials
+        is not)."""
+        if self.trials_per_call is not None:
+            return self.trials_per_call
+        return CPU_TRIALS_PER_CALL if device.type == "cpu" else self.max_trials
+
     def _batched(self, heads: list[ModuleState], targets: Sequence, z: Tensor, d: Tensor,
-                 steps: Tensor) -> Tensor | None:
-        """(K, T) trial losses from one vmapped call over the K trials (all heads inside it),
+                 ref: Tensor, slopes: Tensor, steps: Tensor) -> Tensor | None:
+        """(K, T) trial losses from batched calls over the trials (all heads inside each),
         or None after falling back to the sequential search."""
-        Z = trial_points(z, d, steps)
+
+        def evaluate(rows: Tensor) -> Tensor:
+            return batched_head_losses(heads, self.loss_fns, targets,
+                                       trial_points(z, d, rows), rows)
+
         try:
-            table = batched_head_losses(heads, self.loss_fns, targets, Z, steps)
+            table = self._search(evaluate, ref, slopes, steps, self._per_call(z.device))
         except Exception as exc:  # torch raises various types for unsupported vmap
             if self._vmap_ok:
                 raise

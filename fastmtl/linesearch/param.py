@@ -57,13 +57,14 @@ class ParamBacktracking(Backtracking):
         modules = [self.encoder, *self.heads]
         sensitive = mode_sensitive(modules)
 
-        def evaluate(step: Tensor) -> Tensor:
+        def evaluate(step: Tensor) -> Tensor:  # (1, T) at one step (1,)
             z = enc.call(enc.at(step), x)
-            return head_losses(heads, self.loss_fns, targets, z, [h.at(step) for h in heads])
+            return head_losses(heads, self.loss_fns, targets, z,
+                               [h.at(step) for h in heads]).unsqueeze(0)
 
         with trial_mode(modules, sensitive):
-            ref = evaluate(steps.new_zeros(1)).to(L.dtype) if sensitive else L
-            table = self._sequential(evaluate, ref, slopes, steps)
+            ref = evaluate(steps.new_zeros(1))[0].to(L.dtype) if sensitive else L
+            table = self._search(evaluate, ref, slopes, steps, per_call=1)
         t, after, trials, accepted = self._decide(table, ref, slopes, steps)
         self._apply(t)
         return StepInfo(L, after, t, trials, accepted, w, slopes, steps)
