@@ -410,3 +410,31 @@ def test_batched_heads_fast_path_matches_per_trial_losses():
         rows = [head_losses(states, fns, ys, trial_points(z, d, steps[k:k + 1])[0],
                             [s.at(steps[k:k + 1]) for s in states]) for k in range(5)]
     torch.testing.assert_close(table, torch.stack(rows), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("armijo", ["latent", "head_grad_norm"])
+def test_batched_step_has_no_host_sync_on_cuda(armijo):
+    """On a GPU the default batched search evaluates all K trials in one call and decides on
+    device: a whole step under set_sync_debug_mode("error") (after a warm-up step that traces
+    and compiles), then the same t as the sequential search."""
+    enc, heads, x, ys = _mlp(21)
+    ref_enc, ref_heads = copy.deepcopy(enc), copy.deepcopy(heads)
+    enc, heads = enc.cuda(), [h.cuda() for h in heads]
+    xc, ysc = x.cuda(), [y.cuda() for y in ys]
+    ls = LatentBacktracking(enc, heads, [F.cross_entropy] * 2, lr=4.0, c=0.3, armijo=armijo)
+    assert ls._per_call(xc.device) == ls.max_trials
+    ls.step(xc, ysc)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        info = ls.step(xc, ysc)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    seq = LatentBacktracking(ref_enc, ref_heads, [F.cross_entropy] * 2, lr=4.0, c=0.3,
+                             armijo=armijo, batched=False)
+    seq.step(x, ys)
+    info_seq = seq.step(x, ys)
+    assert float(info.step_size) == float(info_seq.step_size)
+    assert int(info.trials) == int(info_seq.trials)
