@@ -22,7 +22,7 @@ import json
 import pytest
 import torch
 
-from fastmtl.bench.cli import _commit, _device_name, print_table
+from fastmtl.bench.cli import _add_ratios, _commit, _device_name, print_table
 from fastmtl.bench.linesearch import IMPLS, lenet, linesearch_cases, make_search
 from fastmtl.bench.multiglyph import multi_glyphs
 
@@ -64,12 +64,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for config in CONFIGS:
             case = linesearch_cases(device, T=T, steps=args.steps, **config)
-            base = case[0]["ms"]
             constant = next(r["ms"] for r in case if r["impl"] == "constant lr")
             for r in case:
                 r["x constant"] = r["ms"] / constant
-                r["fastmtl speed-up"] = r["ms"] / base
             rows += case
+        _add_ratios(rows)
         print(f"{_device_name(device)}: mean ms per step over {args.steps} training steps")
         print_table(rows, columns=["case", "impl", "ms", "x constant", "fastmtl speed-up",
                                    "trials", "loss"])

@@ -71,12 +71,14 @@ def run(device: str, quick: bool, smoke: bool = False) -> tuple[list[Row], float
     return rows, floor
 
 
-def _add_ratios(rows: list[Row], floor: float) -> None:
+def _add_ratios(rows: list[Row], floor: float | None = None) -> None:
+    """'fastmtl speed-up' (impl time / the case's fastmtl time) and, given the copy floor,
+    '% floor' of every row with a GB/s."""
     fast = {(r["op"], r["case"]): r["ms"] for r in rows if str(r["impl"]).startswith("fastmtl")}
     for r in rows:
         base = fast.get((r["op"], r["case"]))
         r["fastmtl speed-up"] = (r["ms"] / base) if base else None
-        if "GB/s" in r:
+        if floor is not None and "GB/s" in r:
             r["% floor"] = 100.0 * r["GB/s"] / floor
 
 

@@ -45,8 +45,7 @@ def lenet(T: int, device: str, seed: int = 0) -> tuple[nn.Module, list[nn.Module
     return encoder, heads
 
 
-def make_search(impl: str, encoder: nn.Module, heads: list[nn.Module], lr: float,
-                **kw: object):
+def make_search(impl: str, encoder: nn.Module, heads: list[nn.Module], lr: float):
     """The line search (or constant step) named ``impl`` (one of ``IMPLS``)."""
     fns = [F.cross_entropy] * len(heads)
     if impl == "constant lr":
@@ -54,9 +53,9 @@ def make_search(impl: str, encoder: nn.Module, heads: list[nn.Module], lr: float
     if impl == "param pass only":
         return ConstantStep(encoder, heads, fns, lr=lr, space="param")
     if impl == "param backtracking":
-        return ParamBacktracking(encoder, heads, fns, lr=lr, **kw)
+        return ParamBacktracking(encoder, heads, fns, lr=lr)
     batched = impl == "fastmtl latent batched"
-    return LatentBacktracking(encoder, heads, fns, lr=lr, batched=batched, **kw)
+    return LatentBacktracking(encoder, heads, fns, lr=lr, batched=batched)
 
 
 def linesearch_cases(device: str, T: int = 3, batch: int = 256, lr: float = 0.5,

@@ -74,8 +74,9 @@ class Backtracking(LineSearchBase):
             rows = steps[start : start + per_call]
             if not bool(rows[0] >= self.min_step):  # host sync: the loop must know
                 break
-            table[start : start + per_call] = evaluate(rows).to(ref.dtype)
-            crit = armijo_margins(table[start : start + per_call], ref, slopes, rows, self.c)
+            block = table[start : start + per_call]
+            block.copy_(evaluate(rows))
+            crit = armijo_margins(block, ref, slopes, rows, self.c)
             if bool(passing(crit, rows, self.condition, self.min_step).any()):
                 break
         return table
