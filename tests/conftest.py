@@ -88,6 +88,12 @@ def device_backend_params() -> list:
     return params
 
 
+def pytest_report_header(config):
+    # Thread count changes the summation order of torch's CPU reductions: show it, so a
+    # failure that depends on it can be reproduced (``make test-threads`` runs 1 and 3).
+    return f"torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS to change)"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
