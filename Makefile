@@ -4,6 +4,8 @@
 #                        installed with --no-deps --no-build-isolation
 #   make bench           set-up, then the benchmark table (fastmtl-bench)
 #   make check-cuda      compile csrc/ against a CUDA torch in its own venv (compile only)
+#   make aot / aot-full  compile every Triton kernel for sm_80 and sm_90 (no GPU needed)
+#   make gpu-check       on a GPU machine: build, CUDA tests per backend, GPU benchmark
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 TRITON_VERSION ?= 3.7.1
@@ -22,7 +24,7 @@ PYTHON := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.fastmtl-setup
 endif
 
-.PHONY: setup test test-threads test-kernels lint bench check-cuda clean
+.PHONY: setup test test-threads test-kernels aot aot-full aot-compat gpu-check lint bench check-cuda clean
 
 ifeq ($(strip $(VENV)),)
 setup:
@@ -51,17 +53,44 @@ test: setup
 test-threads: setup
 	for n in $(TEST_THREADS); do \
 		echo "== torch threads: $$n"; \
-		OMP_NUM_THREADS=$$n $(PYTHON) -m pytest tests -q $(PYTEST_ARGS) || exit 1; \
+		OMP_NUM_THREADS=$$n $(PYTHON) -m pytest tests -q -m "not aot and not gpu_check" $(PYTEST_ARGS) || exit 1; \
 	done
 
 test-kernels: setup
 	TRITON_INTERPRET=1 FASTMTL_BACKEND=triton $(PYTHON) -m pytest tests -m kernels $(PYTEST_ARGS)
+
+# Every Triton kernel compiled for sm_80 and sm_90 with no GPU (fastmtl.kernels.aot): the quick
+# subset (also part of `make test`), or every T, dtype and autotune config; prints the table.
+aot: setup
+	FASTMTL_AOT_TABLE=1 $(PYTHON) -m pytest tests/test_aot.py -s -q $(PYTEST_ARGS)
+
+aot-full: setup
+	FASTMTL_AOT=full FASTMTL_AOT_TABLE=1 $(PYTHON) -m pytest tests/test_aot.py -s -q $(PYTEST_ARGS)
+
+# The same with the GPU machines' triton (AOT_TRITON) in its own venv: `make aot-compat`, or
+# `make aot-compat FASTMTL_AOT=full`.
+AOT_TRITON ?= 3.6.0
+AOT_VENV ?= .aot-venv
+aot-compat:
+	test -x $(AOT_VENV)/bin/python || python3 -m venv $(AOT_VENV)
+	$(AOT_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) triton==$(AOT_TRITON) \
+		numpy pytest pytest-benchmark setuptools wheel
+	$(AOT_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	FASTMTL_AOT_TABLE=1 $(AOT_VENV)/bin/python -m pytest tests/test_aot.py -s -q $(PYTEST_ARGS)
 
 lint: setup
 	$(PYTHON) -m ruff check .
 
 bench: setup
 	$(PYTHON) -m fastmtl.bench.cli
+
+# On a GPU machine (no registry; torch, triton, pytest there): install, build the CUDA extension,
+# the cuda-marked tests with each backend, the GPU benchmark; JSON + summary in GPU_CHECK_OUT.
+# Without a GPU it runs end to end and reports the GPU stages as skipped.
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= bench-results/gpu-check
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 # Compile-only check of csrc/ against a CUDA build of torch (nothing built here can run here).
 check-cuda:

@@ -64,15 +64,23 @@ def autotune(
     A single config is never benchmarked (and never pruned: it must fit every launch).
     """
     if INTERPRET:
-        return triton.autotune(configs=[_config(interpret)], key=key)
-    if not AUTOTUNE:
-        return triton.autotune(configs=[_config(*default)], key=key)
-    return triton.autotune(
-        configs=[_config(meta, warps, stages) for meta, warps, stages in gpu],
-        key=key,
-        prune_configs_by={"early_config_prune": prune} if prune is not None else None,
-        restore_value=restore_value,
-    )
+        tune = triton.autotune(configs=[_config(interpret)], key=key)
+    elif not AUTOTUNE:
+        tune = triton.autotune(configs=[_config(*default)], key=key)
+    else:
+        tune = triton.autotune(
+            configs=[_config(meta, warps, stages) for meta, warps, stages in gpu],
+            key=key,
+            prune_configs_by={"early_config_prune": prune} if prune is not None else None,
+            restore_value=restore_value,
+        )
+
+    def decorate(fn: Callable) -> Callable:
+        tuner = tune(fn)
+        tuner.fastmtl_default = _config(*default)  # compiled by ``aot`` too
+        return tuner
+
+    return decorate
 
 
 def check_columns(op: str, N: int) -> None:

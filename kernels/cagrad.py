@@ -15,10 +15,20 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from fastmtl.kernels.simplex import MAX_T, _config, _matvec, _solve_shifted
+from fastmtl.kernels._limits import MAX_T as _LIMITS
+from fastmtl.kernels.simplex import _config, _matvec, _solve_shifted
 
 __all__ = ["MAX_T", "launch"]
 
+MAX_T = _LIMITS["cagrad"]  # larger T runs the torch path (``_limits``)
+# Spill budget (``kernels.aot``): bytes of spill stores per thread for each BLOCK, the worst
+# of sm_80/sm_90 over every T with triton 3.7.1 and 3.6.0, rounded up to 64 B.
+# Three inlined simplex solves (ψ at lo, hi and in the loop) hold the registers; more
+# warps spill more. The goal is none to T = 64.
+SPILL_BUDGET = {
+    "_cagrad_kernel": (
+        "BLOCK", {16: 256, 32: 64, 64: 128, 128: 256, 256: 448, 512: 768, 1024: 768}),
+}
 _REFRESH = 32
 _GUARD = 1e-3  # = fastmtl.solvers.cagrad._GUARD
 
@@ -47,8 +57,9 @@ def _cagrad_kernel(k_ptr, w_ptr, out_ptr, T, c_hi, c_lo, steps, max_iter, tol, e
     offs = tl.arange(0, BLOCK)
     mask = offs < T
     tn = tl.sum(mask.to(dt), axis=0)
-    rows = _matvec(k_ptr, w_ptr, T, offs, mask, True, BLOCK, BC)
-    b = tl.where(mask, rows / tn, 0.0)
+    # K's row sums are used ONCE, here: a second use of a loop's reduction result crashes
+    # Triton's TritonGPUOptimizeThreadLocality pass for T a multiple of 16 (16..256)
+    b = tl.where(mask, _matvec(k_ptr, w_ptr, T, offs, mask, True, BLOCK, BC) / tn, 0.0)
     g0sq = tl.maximum(tl.sum(b, axis=0) / tn, 0.0)
     sqrt_phi = c * tl.sqrt(g0sq)
     positive = sqrt_phi > 0
@@ -90,7 +101,7 @@ def _cagrad_kernel(k_ptr, w_ptr, out_ptr, T, c_hi, c_lo, steps, max_iter, tol, e
     bmin = tl.argmin(tl.where(mask, b, float("inf")), axis=0)
     vertex = tl.where(offs == bmin, 1.0, 0.0).to(dt)
     w = tl.where(positive, w_best, vertex)
-    w = w + 0.0 * tl.sum(rows, axis=0)  # non-finite K gives NaN
+    w = w + 0.0 * tl.sum(b, axis=0)  # non-finite K gives NaN (through its row sums)
     tl.store(out_ptr + offs, w, mask=mask)
 
 

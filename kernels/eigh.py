@@ -26,11 +26,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastmtl.kernels._limits import MAX_T as _LIMITS
 from fastmtl.kernels._utils import device_guard, next_power_of_2
 
 __all__ = ["MAX_T", "launch"]
 
-MAX_T = 128  # widest tile; larger T runs the torch reference
+MAX_T = _LIMITS["eigh"]  # larger T runs the torch path (``_limits``)
+# Spill budget (``kernels.aot``): bytes of spill stores per thread for each BLOCK, the worst
+# of sm_80/sm_90 over every T with triton 3.7.1 and 3.6.0, rounded up to 64 B.
+# Spills left at BLOCK 16 (3.6 only) and 64: the goal is none to T = 64.
+SPILL_BUDGET = {"_eigh_kernel": ("BLOCK", {16: 64, 32: 0, 64: 960, 128: 24960})}
 _FLOOR = 1e-2  # = fastmtl.solvers.eigh._FLOOR: absolute rotation floor in ε · max_i |K_ii|
 
 
@@ -102,8 +107,13 @@ def _eigh_kernel(k_ptr, lam_ptr, v_ptr, a_scr, v_scr, T, max_sweeps, eps, floor_
     tl.store(v_ptr + rows * T + rank[None, :], V, mask=inside)
 
 
+# Warps per BLOCK: the fewest with no (or the fewest) register spills for sm_80/sm_90 (``aot``;
+# 1, 2 and 8 warps spilled 16 B, 160 B and 96 B at BLOCK = 16, 32, 64).
+_WARPS = {16: 8, 32: 16, 64: 16, 128: 16}
+
+
 def _num_warps(block: int) -> int:
-    return {16: 1, 32: 2, 64: 8}.get(block, 16)  # <= 16 tile elements a thread
+    return _WARPS[block]
 
 
 def launch(K: torch.Tensor, max_sweeps: int) -> tuple[torch.Tensor, torch.Tensor]:

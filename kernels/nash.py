@@ -23,11 +23,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastmtl.kernels._limits import MAX_T as _LIMITS
 from fastmtl.kernels._utils import device_guard, next_power_of_2
 
 __all__ = ["MAX_T", "launch"]
 
-MAX_T = 128  # widest tile; larger T runs the torch reference
+MAX_T = _LIMITS["nash"]  # larger T runs the torch path (``_limits``)
+# Warps per BLOCK: the fewest with no (or the fewest) register spills for sm_80/sm_90 (``aot``;
+# the former 1, 1, 4, 8 spilled 48 B, 3.5 KB, 1.9 KB and 59 KB a thread).
+_WARPS = {16: 2, 32: 4, 64: 8, 128: 32}
+# Spill budget (``kernels.aot``): bytes of spill stores per thread for each BLOCK, the worst
+# of sm_80/sm_90 over every T with triton 3.7.1 and 3.6.0, rounded up to 64 B.
+# Spills left at BLOCK 64 (8 warps; 16 and 32 warps spill too): the goal is none to T = 64.
+SPILL_BUDGET = {"_nash_kernel": ("BLOCK", {16: 0, 32: 0, 64: 384, 128: 8128})}
 
 
 @triton.jit
@@ -87,7 +95,7 @@ def launch(K: torch.Tensor, reg: float, max_iter: int, eps: float, stop: float) 
     K = K.contiguous()
     alpha = torch.empty(T, dtype=torch.float64, device=K.device)
     block = max(16, next_power_of_2(T))
-    num_warps = 1 if block <= 32 else (4 if block <= 64 else 8)
+    num_warps = _WARPS[block]
     with device_guard(K):
         _nash_kernel[(1,)](K, alpha, T, float(reg), float(eps), max_iter, float(stop),
                            BLOCK=block, num_warps=num_warps)

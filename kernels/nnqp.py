@@ -22,11 +22,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastmtl.kernels._limits import MAX_T as _LIMITS
 from fastmtl.kernels._utils import device_guard, next_power_of_2
 
 __all__ = ["MAX_T", "launch"]
 
-MAX_T = 128  # widest tile; larger T runs the torch reference
+MAX_T = _LIMITS["nnqp"]  # larger T runs the torch path (``_limits``)
+# Warps per BLOCK: the fewest with no (or the fewest) register spills for sm_80/sm_90 (``aot``;
+# the former 1 and 4 spilled 0.8 KB and 1 KB a thread at BLOCK = 32 and 64).
+_WARPS = {16: 1, 32: 4, 64: 8, 128: 16}
+# Spill budget (``kernels.aot``): bytes of spill stores per thread for each BLOCK, the worst
+# of sm_80/sm_90 over every T with triton 3.7.1 and 3.6.0, rounded up to 64 B.
+# Spills left at BLOCK 32 (3.6 only) and 64: the goal is none to T = 64.
+SPILL_BUDGET = {"_dual_cone_kernel": ("BLOCK", {16: 0, 32: 64, 64: 128, 128: 7040})}
 
 
 @triton.jit
@@ -82,7 +90,7 @@ def launch(M: torch.Tensor, U: torch.Tensor, max_iter: int, switch: int,
     B = U.shape[0]
     V = torch.empty(B, T, dtype=torch.float64, device=M.device)
     block = max(16, next_power_of_2(T))
-    num_warps = 1 if block <= 32 else (4 if block <= 64 else 8)
+    num_warps = _WARPS[block]
     with device_guard(M):
         _dual_cone_kernel[(B,)](M, U, V, T, max_iter, switch, float(tol), BLOCK=block,
                                 num_warps=num_warps)

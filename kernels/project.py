@@ -6,14 +6,17 @@ r"""Triton kernel of ``fm.ops.project``: P = C G for G of shape (T, N) and C of 
 
 One program per (block of BLOCK_N columns) × (tile of BLOCK_TP output rows); the tile index
 varies fastest, so the programs of one column block run side by side and, when T' fits one
-tile (on a GPU up to 64 rows; 32 for fp64 G or T < 16), each column block of G is read exactly
-once for all T' rows (beyond, the other tiles' re-reads of a column block hit L2). The
-program loops over the rows of G in chunks of BLOCK_T and accumulates its BLOCK_TP × BLOCK_N
-tile of P in fp32 (fp64 for fp64 G): with ``tl.dot`` (``input_precision="ieee"``, never TF32)
-when T' and T are both >= 16 and G is not fp64, else with elementwise products summed over the
-chunk. Each output element is written once, cast to ``out``'s dtype. The summation order is
-fixed by (T, T', BLOCK_T) and the config: results are bit-identical from call to call (and
-across processes with FASTMTL_AUTOTUNE=0, see ``_utils``). No atomics.
+tile (on a GPU up to 64 rows; 32 for fp64, bf16 or fp16 G, or T < 16), each column block of G
+is read exactly once for all T' rows (beyond, the other tiles' re-reads of a column block hit
+L2). The program loops over the rows of G in chunks of BLOCK_T and accumulates its
+BLOCK_TP × BLOCK_N tile of P in fp32 (fp64 for fp64 G): with ``tl.dot``
+(``input_precision="ieee"``, never TF32) when T' and T are both >= 16 and G is not fp64, else
+with elementwise products summed over the chunk (for chunks of one row, the outer product
+itself: Triton would turn its sum over an axis of 1 into a TF32 dot). Each output element is
+written once, cast to ``out``'s dtype. The summation order is fixed by (T, T', BLOCK_T) and the
+config: results are bit-identical from call to call (and across processes with
+FASTMTL_AUTOTUNE=0, see ``_utils``). No atomics. ``python -m fastmtl.kernels.aot`` checks
+every config compiles without TF32 and without spills for sm_80 and sm_90.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ __all__ = ["launch"]
 # Widest tile of output rows (tl.dot / elementwise path); under the interpreter smaller ones
 # exercise tiling of T' at the test sizes.
 _MAX_DOT_TP = 16 if INTERPRET else 64
+# bf16/fp16 G converted to fp32 for the IEEE dot: 64 x 32 and 32 x 32 (BLOCK_TP x BLOCK_T)
+# tiles spill 0.5-10 KB per thread (``python -m fastmtl.kernels.aot``), 32 x 16 ones none
+_MAX_DOT_CONVERTED = 16 if INTERPRET else 32
 _MAX_TP = 16 if INTERPRET else 32
 _MAX_BLOCK_T = 16 if INTERPRET else 32
 _DOT_MIN = 16  # tl.dot needs every dimension >= 16 on older Triton/GPUs
@@ -89,6 +95,10 @@ def _project(
         g = tl.load(g_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0).to(acc_ty)
         if USE_DOT:
             acc = tl.dot(c, g, acc, input_precision="ieee", out_dtype=acc_ty)
+        elif BLOCK_T == 1:
+            # an outer product: summed over its axis of 1, Triton rewrites the broadcast
+            # product into a tt.dot with TF32 inputs (caught by ``aot``, not the interpreter)
+            acc += c * g
         else:
             acc += tl.sum(c[:, :, None] * g[None, :, :], axis=1)
         c_ptrs += STEP_C
@@ -102,7 +112,9 @@ def _blocks(TP: int, T: int, dtype: torch.dtype) -> tuple[int, int, bool]:
     elementwise products over chunks of BLOCK_T rows with BLOCK_TP x BLOCK_T <= _PRODUCTS."""
     btp, bt = next_power_of_2(TP), next_power_of_2(T)
     if dtype != torch.float64 and btp >= _DOT_MIN and bt >= _DOT_MIN:
-        return min(btp, _MAX_DOT_TP), min(bt, _MAX_BLOCK_T), True
+        if dtype == torch.float32:
+            return min(btp, _MAX_DOT_TP), min(bt, _MAX_BLOCK_T), True
+        return min(btp, _MAX_DOT_CONVERTED), min(bt, max(_DOT_MIN, _MAX_DOT_CONVERTED // 2)), True
     btp = min(btp, _MAX_TP)
     return btp, max(1, min(bt, _MAX_BLOCK_T, _PRODUCTS // btp)), False
 

@@ -27,11 +27,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastmtl.kernels._limits import MAX_T as _LIMITS
 from fastmtl.kernels._utils import next_power_of_2
 
 __all__ = ["MAX_T", "launch"]
 
-MAX_T = 1024  # widest padded block; larger T runs the torch reference
+MAX_T = _LIMITS["simplex"]  # larger T runs the torch path (``_limits``)
+# Spill budget (``kernels.aot``): bytes of spill stores per thread for each BLOCK, the worst
+# of sm_80/sm_90 over every T with triton 3.7.1 and 3.6.0, rounded up to 64 B.
+# None up to T = 64, a value or two above.
+SPILL_BUDGET = {
+    "_min_norm_simplex_kernel": (
+        "BLOCK", {16: 0, 32: 0, 64: 0, 128: 64, 256: 64, 512: 64, 1024: 64}),
+}
 _REFRESH = 32
 
 

@@ -43,6 +43,21 @@ def test_project_values(device, backend, dtype, T, TP, N):
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("T,TP", [(1, 9), (2, 16), (8, 64), (3, 40)])
+@pytest.mark.parametrize("device,backend", PARAMS)
+def test_project_tall_c_is_ieee_fp32(device, backend, T, TP):
+    """A tall C (T' >= 9) over few tasks (T <= 8): the kernel's one-row chunks, which Triton's
+    compiler once turned into a TF32 dot (~1e-3 relative error; the interpreter cannot show
+    it, ``fastmtl.kernels.aot`` can). fp32 against float64 at 1e-5."""
+    G = randn(T, 1000, dtype=torch.float32, device=device, seed=T)
+    C = randn(TP, T, dtype=torch.float32, device=device, seed=TP)
+    with use_backend(backend):
+        P = fm.ops.project(C, G)
+    err = project_error(P, C, G)
+    assert err <= 1e-5, f"project error {err:.3e} > 1e-5"
+
+
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_project_c_in_input_dtype(device, backend, dtype):

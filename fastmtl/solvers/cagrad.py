@@ -59,13 +59,13 @@ import torch
 from torch import Tensor
 
 from fastmtl._checks import check_int, check_number
+from fastmtl.kernels._limits import MAX_T
 from fastmtl.solvers._common import check_square, solver_path
 from fastmtl.solvers.simplex import min_norm_simplex, min_norm_simplex_exact
 
 __all__ = ["cagrad_simplex", "cagrad_simplex_reference"]
 
 _GUARD = 1e-3  # = fastmtl.kernels.cagrad._GUARD
-_KERNEL_MAX_T = 1024  # = fastmtl.kernels.cagrad.MAX_T (not imported: that imports triton)
 _ROUNDING = 4.0 * torch.finfo(torch.float64).eps  # early exit of the host search
 
 
@@ -212,7 +212,7 @@ def cagrad_simplex(K: Tensor, c: float, steps: int = 24, max_iter: int = 1000,
     linear and w⋆ = the vertex argmin_i b_i. Non-finite K gives NaN. Not differentiable.
     """
     K = _check(K, c, steps)
-    impl = solver_path(K, _KERNEL_MAX_T, "exact")
+    impl = solver_path(K, MAX_T["cagrad"], "exact")
     args = (K.to(torch.float64), float(c), steps, max_iter, float(tol), impl)
     w = _cagrad_simplex_op(*args) if torch.compiler.is_compiling() else _solve(*args)
     return w.to(K.dtype)

@@ -46,13 +46,13 @@ import torch
 from torch import Tensor
 
 from fastmtl._checks import check_int
+from fastmtl.kernels._limits import MAX_T
 from fastmtl.ops._common import acc_dtype
 from fastmtl.solvers._common import check_square, solver_path
 
 __all__ = ["MAX_SWEEPS", "kept_eigenvalues", "symmetric_eigh", "symmetric_eigh_reference"]
 
 MAX_SWEEPS = 16
-_KERNEL_MAX_T = 128  # = fastmtl.kernels.eigh.MAX_T (not imported: that imports triton)
 _FLOOR = 1e-2  # absolute rotation floor, in units of ε · max_i |K_ii|
 
 
@@ -155,7 +155,7 @@ def symmetric_eigh(K: Tensor, max_sweeps: int = MAX_SWEEPS) -> tuple[Tensor, Ten
     ``torch.linalg.eigh``. Not differentiable (K is detached).
     """
     K = _check(K, max_sweeps)
-    impl = solver_path(K, _KERNEL_MAX_T, "lapack")
+    impl = solver_path(K, MAX_T["eigh"], "lapack")
     if torch.compiler.is_compiling():
         return _eigh_op(K, max_sweeps, impl)
     return _solve(K, max_sweeps, impl)

@@ -63,11 +63,11 @@ import torch
 from torch import Tensor
 
 from fastmtl._checks import check_int, check_number
+from fastmtl.kernels._limits import MAX_T
 from fastmtl.solvers._common import check_square, solver_path
 
 __all__ = ["nash_bargaining", "nash_bargaining_exact", "nash_bargaining_reference"]
 
-_KERNEL_MAX_T = 128  # = fastmtl.kernels.nash.MAX_T (not imported: that imports triton)
 _STOP = 1e-10  # Newton decrement below which the early-exiting implementations stop
 
 
@@ -180,7 +180,7 @@ def nash_bargaining(K: Tensor, reg: float = 1e-6, max_iter: int = 25,
     differentiable (K is detached). Raises ``TypeError``/``ValueError`` on bad arguments.
     """
     K = _check(K, reg, max_iter, eps)
-    impl = solver_path(K, _KERNEL_MAX_T, "exact")
+    impl = solver_path(K, MAX_T["nash"], "exact")
     args = (float(reg), max_iter, float(eps), impl)
     if torch.compiler.is_compiling():
         return _nash_op(K, *args)

@@ -62,12 +62,12 @@ import torch
 from torch import Tensor
 
 from fastmtl._checks import check_int
+from fastmtl.kernels._limits import MAX_T
 from fastmtl.solvers._common import solver_path
 
 __all__ = ["default_max_iter", "dual_cone_projection", "dual_cone_projection_exact",
            "dual_cone_projection_reference", "normalized_gram", "upgrad_weights"]
 
-_KERNEL_MAX_T = 128  # = fastmtl.kernels.nnqp.MAX_T (not imported: that imports triton)
 _CHUNK_ELEMENTS = 2**18  # CPU path: problems pivoted together hold at most ~this many entries
 _TOL = 1e-12  # infeasibility threshold relative to max|u_b| · max(1, max_j M_jj)
 
@@ -219,7 +219,7 @@ def _(M: Tensor, U: Tensor, max_iter: int, impl: str) -> Tensor:
 
 
 def _implementation(M: Tensor) -> str:
-    return solver_path(M, _KERNEL_MAX_T, "exact")
+    return solver_path(M, MAX_T["nnqp"], "exact")
 
 
 def dual_cone_projection(M: Tensor, U: Tensor, max_iter: int | None = None) -> Tensor:

@@ -63,13 +63,13 @@ import torch
 from torch import Tensor
 
 from fastmtl._checks import check_int, check_number
+from fastmtl.kernels._limits import MAX_T
 from fastmtl.ops._common import acc_dtype
 from fastmtl.solvers._common import check_square, solver_path
 from fastmtl.solvers._wolfe import wolfe_min_norm
 
 __all__ = ["min_norm_simplex", "min_norm_simplex_exact", "min_norm_simplex_reference"]
 
-_KERNEL_MAX_T = 1024  # = fastmtl.kernels.simplex.MAX_T (not imported: that imports triton)
 _NOISE = 4.0  # rounding-noise multiple in the stop test (see the module docstring)
 
 
@@ -172,7 +172,7 @@ def min_norm_simplex(K: Tensor, max_iter: int = 1000, tol: float = 1e-6) -> Tens
     T = K.shape[0]
     if T == 1:
         return _nan_if_not_finite(torch.ones(1, dtype=K.dtype, device=K.device), K)
-    impl = solver_path(K, _KERNEL_MAX_T, "exact")
+    impl = solver_path(K, MAX_T["simplex"], "exact")
     if T == 2 and impl != "exact":  # on the host the exact solver has the same closed form
         return _two_tasks(K.to(acc_dtype(K.dtype))).to(K.dtype)
     if torch.compiler.is_compiling():
