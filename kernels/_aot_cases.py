@@ -4,7 +4,7 @@ tensors with the dtypes and argument combinations the ops and solvers pass to it
 Full: every T from 1 to the kernel's limit (``_limits``) for the solvers and every T up to
 130 at which a block size or a specialisation changes for the ops (both of ``project``'s
 sizes), every dtype, column counts N = 1, 77, 1000 and
-1024 (Triton specialises ints equal to 1 and divisible by 16). Quick (CI): T in ``aot.QUICK_T``,
+1024 (Triton specialises ints equal to 1 and divisible by 16). Quick (CI): T in ``QUICK_T``,
 fewer dtypes and one N. Nothing is launched (``aot`` captures the launch), so the tensors'
 contents do not matter.
 """
@@ -22,6 +22,7 @@ __all__ = ["cases"]
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 GRAD_DTYPES = (F32, F64, BF16, F16)
 QUICK_DTYPES = (F32, BF16)
+QUICK_T = (1, 2, 3, 8, 16, 64)
 Case = tuple[str, Callable[[], object]]
 
 
@@ -30,10 +31,9 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _ts(full: bool, limit: int, every: bool = False) -> list[int]:
-    """T values up to ``limit``: quick, ``aot.QUICK_T``; full, every T if ``every`` (the
+    """T values up to ``limit``: quick, ``QUICK_T``; full, every T if ``every`` (the
     solvers: cheap, one binary per block size), else every T at which a power-of-two block
     size or Triton's specialisation (T = 1, 16 | T) changes: 2^k - 1, 2^k, 2^k + 1."""
-    from fastmtl.kernels.aot import QUICK_T
     if not full:
         return [t for t in QUICK_T if t <= limit]
     if every:

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import importlib
 import os
 import re
 import subprocess
@@ -36,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import triton
+from fastmtl.kernels._utils import INTERPRET
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
@@ -46,7 +46,6 @@ __all__ = ["SHARED_LIMIT", "Result", "check", "check_call", "main"]
 # Shared memory one block can opt into (bytes): A100 163 KiB, H100/H200 227 KiB. (Consumer
 # Ampere/Ada GPUs have 99 KiB: the table reports every kernel's use.)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-QUICK_T = (1, 2, 3, 8, 16, 64)
 
 
 @dataclasses.dataclass
@@ -273,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="80,90", help="compute capabilities (80,90)")
     parser.add_argument("--kernels", default=None, help="comma-separated modules (gram,...)")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if INTERPRET:
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
     targets = tuple(int(t) for t in args.targets.split(","))
     kernels = tuple(args.kernels.split(",")) if args.kernels else None
@@ -290,5 +289,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    importlib.import_module("fastmtl.kernels")
     sys.exit(main())

@@ -112,10 +112,6 @@ def _eigh_kernel(k_ptr, lam_ptr, v_ptr, a_scr, v_scr, T, max_sweeps, eps, floor_
 _WARPS = {16: 8, 32: 16, 64: 16, 128: 16}
 
 
-def _num_warps(block: int) -> int:
-    return _WARPS[block]
-
-
 def launch(K: torch.Tensor, max_sweeps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(λ ascending (T,), V (T, T)) in float32 (float64 for float64 K) for a (T, T) K,
     1 <= T <= MAX_T; the symmetric part (K + Kᵀ)/2 is decomposed."""
@@ -131,5 +127,5 @@ def launch(K: torch.Tensor, max_sweeps: int) -> tuple[torch.Tensor, torch.Tensor
     with device_guard(K):
         _eigh_kernel[(1,)](K, lam, V, scratch[0], scratch[1], T, max_sweeps,
                            torch.finfo(dt).eps, _FLOOR, BLOCK=block,
-                           num_warps=_num_warps(block))
+                           num_warps=_WARPS[block])
     return lam, V

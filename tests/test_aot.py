@@ -12,10 +12,11 @@ import os
 import pytest
 
 triton = pytest.importorskip("triton")
+from fastmtl.kernels._utils import INTERPRET  # noqa: E402
+
 pytestmark = [
     pytest.mark.aot,
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-                       reason="the Triton interpreter compiles nothing"),
+    pytest.mark.skipif(INTERPRET, reason="the Triton interpreter compiles nothing"),
 ]
 
 from fastmtl.kernels import _aot_cases, aot  # noqa: E402
@@ -53,13 +54,18 @@ def test_harness_flags_compile_errors():
 
 
 def test_harness_compiles_each_binary_once_and_restores_triton():
+    import torch
     from fastmtl.kernels import gram
     from triton.runtime import driver
     from triton.runtime.jit import KernelInterface
     getitem, active = KernelInterface.__getitem__, driver._active
-    import torch
-    first = aot.check_call(lambda: gram.launch(torch.empty(3, 100)), targets=(90,))
-    again = aot.check_call(lambda: gram.launch(torch.empty(3, 100)), targets=(90,))
-    assert [r.kernel for r in first] == ["gram._gram_partial", "gram._gram_reduce"]
-    assert len(again) == 2  # a fresh compiler reports them again (Triton's cache is warm)
+
+    def twice():  # T = 5 and T = 7 share BLOCK_T = 8 and specialise alike: two binaries
+        gram.launch(torch.empty(7, 100))
+        gram.launch(torch.empty(5, 100))
+
+    results = aot.check_call(twice, targets=(80, 90))
+    assert sorted((r.kernel, r.target) for r in results) == [
+        ("gram._gram_partial", 80), ("gram._gram_partial", 90),
+        ("gram._gram_reduce", 80), ("gram._gram_reduce", 90)]
     assert KernelInterface.__getitem__ is getitem and driver._active is active
