@@ -28,6 +28,7 @@ __all__ = [
     "device_guard",
     "next_power_of_2",
     "num_programs_target",
+    "pad_rows",
     "round_up",
 ]
 
@@ -42,6 +43,14 @@ next_power_of_2 = triton.next_power_of_2
 def round_up(x: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is >= ``x``."""
     return cdiv(x, multiple) * multiple
+
+
+def pad_rows(K: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """(K as ``dtype`` with its rows zero-padded to a multiple of 16 elements, row stride).
+    For the single-program solvers: Triton knows a stride divisible by 16, so row loads are
+    aligned and vectorised, which keeps odd T from spilling registers (``kernels.aot``)."""
+    ld = round_up(K.shape[1], 16)
+    return torch.nn.functional.pad(K.to(dtype), (0, ld - K.shape[1])), ld
 
 
 def _config(kwargs: dict[str, int], num_warps: int = 4, num_stages: int = 2) -> triton.Config:

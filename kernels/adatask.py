@@ -35,7 +35,7 @@ __all__ = ["launch"]
 
 _BLOCK = 64 if INTERPRET else 1024
 _NUM_WARPS = 4
-# Register spills per thread accepted (bytes of spill stores, ``ptxas -v``; ``kernels.aot``):
+# Register spills per thread accepted (spill bytes, ``kernels.aot``):
 # 8-12 B (a value or two of the fp64 bias corrections) in some amsgrad/maximize/fp64 variants.
 SPILL_BUDGET = {"_adatask_kernel": 32}
 

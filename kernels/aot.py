@@ -11,9 +11,10 @@ ptxas (shipped in the triton wheel) builds the cubin. Each distinct binary is th
 - it compiles (a Triton or ptxas error is a failure, reported with the launch that hit it);
 - no TF32 (``.tf32`` in the PTX): every kernel here promises IEEE fp32 arithmetic;
 - shared memory within the target's per-block limit (``SHARED_LIMIT``);
-- register spills (``ptxas -v``) within the kernel's budget, ``SPILL_BUDGET`` in its module
-  (bytes of spill stores per thread, as a function of the launch's constexprs): the budget
-  is the documentation of what is acceptable.
+- register spills within the kernel's budget, ``SPILL_BUDGET`` in its module (spill bytes
+  per thread: the stack frame of the cubin Triton built, read with ``cuobjdump``; an int or
+  a function of the launch's constexprs): the budget is the documentation of what is
+  acceptable.
 
 Quick mode (CI) takes T in {1, 2, 3, 8, 16, 64}; ``--full`` every T from 1 to each kernel's
 limit (so every T at which a block size or a specialisation changes) and more column counts.
@@ -148,31 +149,32 @@ def _describe(launch: _Launch) -> str:
     return f"{meta} w{warps} s{stages}" + (" (default)" if launch.default else "")
 
 
-_PTXAS_USAGE = re.compile(r"Used (\d+) registers")
-_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores")
+_USAGE = re.compile(r"REG:(\d+) STACK:(\d+)")
 
 
-def _ptxas_usage(ptx: str, capability: int, cache: dict) -> tuple[int, int]:
-    """(registers, spill-store bytes) per thread from ``ptxas -v`` on the kernel's PTX."""
-    key = hashlib.sha1(ptx.encode()).hexdigest() + str(capability)
+def _resource_usage(cubin: bytes, cache: dict) -> tuple[int, int]:
+    """(registers, stack-frame bytes) per thread of the cubin Triton built (``cuobjdump
+    --dump-resource-usage``, shipped in the triton wheel). Triton kernels have no local
+    arrays, so the stack frame is the spill area: read from the real binary, it reflects the
+    ptxas flags of the installed Triton (3.7 passes --regAllocOptLevel=2, 3.6 does not)."""
+    key = hashlib.sha1(cubin).hexdigest()
     if key not in cache:
-        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+        from triton import knobs
         with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, "k.ptx")
-            with open(src, "w") as f:
-                f.write(ptx)
-            log = subprocess.run(
-                [get_ptxas(capability).path, "-v", "--regAllocOptLevel=2",
-                 f"--gpu-name={sm_arch_from_capability(capability)}", src, "-o",
-                 os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True).stderr
-        regs = max((int(m) for m in _PTXAS_USAGE.findall(log)), default=0)
-        spill = max((int(m) for m in _PTXAS_SPILL.findall(log)), default=0)
-        cache[key] = regs, spill
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(cubin)
+            out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path],
+                                 capture_output=True, text=True, check=True).stdout
+        found = _USAGE.findall(out)
+        if not found:
+            raise RuntimeError(f"aot: no resource usage in cuobjdump's output:\n{out}")
+        cache[key] = max(int(r) for r, _ in found), max(int(st) for _, st in found)
     return cache[key]
 
 
 def _budget(launch: _Launch) -> int:
-    """The kernel module's ``SPILL_BUDGET[kernel name]``: bytes of spill stores per thread, an
+    """The kernel module's ``SPILL_BUDGET[kernel name]``: spill bytes per thread, an
     int or (constexpr name, {value: bytes}); 0 when the module gives none."""
     module = sys.modules[launch.fn.fn.__module__]
     rule = getattr(module, "SPILL_BUDGET", {}).get(launch.fn.fn.__name__, 0)
@@ -189,7 +191,7 @@ class _Compiler:
         self.capability = capability
         self.driver = _CompileOnlyDriver(capability)
         self.seen: dict[tuple, Result] = {}
-        self.ptxas: dict = {}
+        self.usage: dict = {}
 
     def _key(self, launch: _Launch) -> tuple:
         binder = launch.fn.device_caches[self.capability][4]
@@ -214,7 +216,7 @@ class _Compiler:
             return res
         ptx = kernel.asm["ptx"]
         res.shared = int(kernel.metadata.shared)
-        res.regs, res.spill = _ptxas_usage(ptx, self.capability, self.ptxas)
+        res.regs, res.spill = _resource_usage(kernel.asm["cubin"], self.usage)
         if re.search(r"\.tf32\b", ptx):
             res.problems.append(f"TF32 in the PTX (the kernel promises IEEE fp32) at {where}")
         if res.shared > SHARED_LIMIT[self.capability]:

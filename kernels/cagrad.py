@@ -16,30 +16,31 @@ import torch
 import triton
 import triton.language as tl
 from fastmtl.kernels._limits import MAX_T as _LIMITS
+from fastmtl.kernels._utils import pad_rows
 from fastmtl.kernels.simplex import _config, _matvec, _solve_shifted
 
 __all__ = ["MAX_T", "launch"]
 
 MAX_T = _LIMITS["cagrad"]  # larger T runs the torch path (``_limits``)
-# Spill budget (``kernels.aot``): bytes of spill stores per thread for each BLOCK, the worst
-# of sm_80/sm_90 over every T with triton 3.7.1 and 3.6.0, rounded up to 64 B.
-# Three inlined simplex solves (ψ at lo, hi and in the loop) hold the registers; more
-# warps spill more. The goal is none to T = 64.
+# Spill budget (``kernels.aot``): spill bytes per thread for each BLOCK, the worst of
+# sm_80/sm_90 over every T with triton 3.7.1 and 3.6.0, rounded up to 64 B. None to T = 128:
+# the search inlines ONE simplex solve (three call sites spilled 0.2 KB) and reads K through
+# rows padded to 16 doubles (aligned loads; unpadded odd T spilled up to 0.2 KB).
 SPILL_BUDGET = {
     "_cagrad_kernel": (
-        "BLOCK", {16: 256, 32: 64, 64: 128, 128: 256, 256: 448, 512: 768, 1024: 768}),
+        "BLOCK", {16: 0, 32: 0, 64: 0, 128: 0, 256: 64, 512: 512, 1024: 512}),
 }
 _REFRESH = 32
 _GUARD = 1e-3  # = fastmtl.solvers.cagrad._GUARD
 
 
 @triton.jit
-def _psi(k_ptr, w_ptr, T, offs, mask, b, s, g0sq, sqrt_phi, max_iter, tol, eps,
+def _psi(k_ptr, w_ptr, T, ld, offs, mask, b, s, g0sq, sqrt_phi, max_iter, tol, eps,
          BLOCK: tl.constexpr, BC: tl.constexpr, REFRESH: tl.constexpr):
     """w(s), ψ(s) = ‖g_w‖ − s√φ and the relative residual |ψ| / (‖g_w‖ + s√φ) (1 at 0/0)."""
-    w = _solve_shifted(k_ptr, w_ptr, T, offs, mask, b, s, s * s * g0sq, max_iter, tol, eps,
+    w = _solve_shifted(k_ptr, w_ptr, T, ld, offs, mask, b, s, s * s * g0sq, max_iter, tol, eps,
                        BLOCK, BC, REFRESH)
-    kw = _matvec(k_ptr, w_ptr, T, offs, mask, False, BLOCK, BC)
+    kw = _matvec(k_ptr, w_ptr, T, ld, offs, mask, False, BLOCK, BC)
     norm = tl.sqrt(tl.maximum(tl.sum(w * kw, axis=0), 0.0))
     radius = s * sqrt_phi
     total = norm + radius
@@ -47,8 +48,8 @@ def _psi(k_ptr, w_ptr, T, offs, mask, b, s, g0sq, sqrt_phi, max_iter, tol, eps,
     return w, norm - radius, rel
 
 
-@triton.jit
-def _cagrad_kernel(k_ptr, w_ptr, out_ptr, T, c_hi, c_lo, steps, max_iter, tol, eps, guard_hi,
+@triton.jit(do_not_specialize=["T"])  # one binary per BLOCK: ld carries the alignment
+def _cagrad_kernel(k_ptr, w_ptr, out_ptr, T, ld, c_hi, c_lo, steps, max_iter, tol, eps, guard_hi,
                    guard_lo, BLOCK: tl.constexpr, BC: tl.constexpr, REFRESH: tl.constexpr):
     dt = w_ptr.dtype.element_ty
     zero = tl.sum(tl.zeros((BLOCK,), dtype=dt), axis=0)
@@ -59,33 +60,36 @@ def _cagrad_kernel(k_ptr, w_ptr, out_ptr, T, c_hi, c_lo, steps, max_iter, tol, e
     tn = tl.sum(mask.to(dt), axis=0)
     # K's row sums are used ONCE, here: a second use of a loop's reduction result crashes
     # Triton's TritonGPUOptimizeThreadLocality pass for T a multiple of 16 (16..256)
-    b = tl.where(mask, _matvec(k_ptr, w_ptr, T, offs, mask, True, BLOCK, BC) / tn, 0.0)
+    b = tl.where(mask, _matvec(k_ptr, w_ptr, T, ld, offs, mask, True, BLOCK, BC) / tn, 0.0)
     g0sq = tl.maximum(tl.sum(b, axis=0) / tn, 0.0)
     sqrt_phi = c * tl.sqrt(g0sq)
     positive = sqrt_phi > 0
-    diag = tl.load(k_ptr + offs * (T + 1), mask=mask, other=0.0).to(dt)
+    diag = tl.load(k_ptr + offs * (ld + 1), mask=mask, other=0.0).to(dt)
     top = tl.max(tl.where(mask, tl.sqrt(tl.maximum(diag, 0.0)), 0.0), axis=0)
 
     lo = zero
     hi = tl.where(positive, top / tl.where(positive, sqrt_phi, 1.0), 1.0)
-    w_lo, f_lo, r_lo = _psi(k_ptr, w_ptr, T, offs, mask, b, lo, g0sq, sqrt_phi, max_iter, tol,
-                            eps, BLOCK, BC, REFRESH)
-    w_hi, f_hi, r_hi = _psi(k_ptr, w_ptr, T, offs, mask, b, hi, g0sq, sqrt_phi, max_iter, tol,
-                            eps, BLOCK, BC, REFRESH)
-    fa = f_lo  # Illinois values (halved when the same end is kept twice)
-    fb = f_hi
-    side = lo  # which end the last Illinois step moved (+1: lo, -1: hi, 0 after a bisection)
-    for k in range(steps):
-        illinois = (k % 2) == 0
+    # ONE inlined ψ solve (each call site inlines a whole simplex solver): pass 0 evaluates
+    # ψ(lo), pass 1 ψ(hi), pass k + 2 is the search's step k.
+    w_lo = tl.zeros((BLOCK,), dtype=dt)
+    w_hi = w_lo
+    r_lo = zero
+    r_hi = zero
+    fa = zero  # Illinois values (halved when the same end is kept twice)
+    fb = zero
+    side = zero  # which end the last Illinois step moved (+1: lo, -1: hi, 0 after a bisection)
+    for j in range(steps + 2):
+        illinois = (j % 2) == 0  # step k = j - 2: Illinois on even k, bisection on odd
         den = fa - fb
         s_if = tl.where(den > 0, lo + (hi - lo) * (fa / tl.where(den > 0, den, 1.0)),
                         0.5 * (lo + hi))
         gap = guard * (hi - lo)  # never within a 1e-3 fraction of an end
         s_if = tl.minimum(tl.maximum(s_if, lo + gap), hi - gap)
         s = tl.where(illinois, s_if, 0.5 * (lo + hi))
-        w, f, r = _psi(k_ptr, w_ptr, T, offs, mask, b, s, g0sq, sqrt_phi, max_iter, tol, eps,
+        s = tl.where(j == 0, lo, tl.where(j == 1, hi, s))
+        w, f, r = _psi(k_ptr, w_ptr, T, ld, offs, mask, b, s, g0sq, sqrt_phi, max_iter, tol, eps,
                        BLOCK, BC, REFRESH)
-        up = f > 0  # the root lies above s
+        up = tl.where(j < 2, j == 0, f > 0)  # the root lies above s (pass 0 sets lo's values)
         lo = tl.where(up, s, lo)
         hi = tl.where(up, hi, s)
         w_lo = tl.where(up, w, w_lo)
@@ -96,7 +100,7 @@ def _cagrad_kernel(k_ptr, w_ptr, out_ptr, T, c_hi, c_lo, steps, max_iter, tol, e
         fb_if = tl.where(up, tl.where(side > 0, 0.5 * fb, fb), f)
         fa = tl.where(illinois, fa_if, tl.where(up, f, fa))
         fb = tl.where(illinois, fb_if, tl.where(up, fb, f))
-        side = tl.where(illinois, tl.where(up, 1.0, -1.0), 0.0).to(dt)
+        side = tl.where(illinois & (j >= 2), tl.where(up, 1.0, -1.0), 0.0).to(dt)
     w_best = tl.where(r_hi <= r_lo, w_hi, w_lo)
     bmin = tl.argmin(tl.where(mask, b, float("inf")), axis=0)
     vertex = tl.where(offs == bmin, 1.0, 0.0).to(dt)
@@ -117,12 +121,12 @@ def launch(K: torch.Tensor, c: float, steps: int, max_iter: int, tol: float) -> 
     T = K.shape[0]
     if T > MAX_T:
         raise ValueError(f"the CAGrad kernel handles T <= {MAX_T}, got T = {T}")
-    K = K.to(torch.float64).contiguous()
+    K, ld = pad_rows(K, torch.float64)
     scratch = torch.empty(T, dtype=torch.float64, device=K.device)
     w = torch.empty(T, dtype=torch.float64, device=K.device)
     block, bc, num_warps = _config(T)
     eps = 4.0 * torch.finfo(torch.float64).eps  # rounding allowance, as in the simplex solver
-    _cagrad_kernel[(1,)](K, scratch, w, T, *_split(c), steps, max_iter, float(tol), eps,
+    _cagrad_kernel[(1,)](K, scratch, w, T, ld, *_split(c), steps, max_iter, float(tol), eps,
                          *_split(_GUARD), BLOCK=block, BC=bc, REFRESH=_REFRESH,
                          num_warps=num_warps)
     return w

@@ -2,8 +2,9 @@ r"""Triton kernel of ``fm.solvers.symmetric_eigh`` on CUDA: K = V diag(λ) Vᵀ,
 
 The whole decomposition is ONE program (one launch, no host synchronisation): the parallel
 cyclic Jacobi method of ``fastmtl.solvers.eigh.symmetric_eigh_reference``, which is its spec
-(rotation formulas, pair order, rotation threshold). A and V live in registers as
-BLOCK × BLOCK tiles (BLOCK = next power of two >= T, at least 16). In a round every index j
+(rotation formulas, pair order, rotation threshold). A and V are BLOCK × BLOCK tiles
+(BLOCK = next power of two >= T, at least 16) in a global scratch buffer that stays in L1/L2.
+In a round every index j
 meets its partner p(j) (the circle method over M = T rounded up to even; lanes j >= M pair with
 themselves and never rotate) and all M/2 rotations apply at once:
 
@@ -12,9 +13,12 @@ themselves and never rotate) and all M/2 rotations apply at once:
     A'_{ij} = (c_i c_j A_{ij} + s_i s_j A_{p(i)p(j)}) + (c_i s_j A_{i\,p(j)} + s_i c_j A_{p(i)\,j}),
     \qquad V'_{ij} = c_j V_{ij} + s_j V_{i\,p(j)},
 
-with c_j = cos θ and s_j = J_{p(j), j} of the pair's rotation; the permuted tiles are read back
-from a global scratch buffer (two BLOCK² tiles, L1/L2-resident) between two barriers, since
-registers cannot be gathered. The grouping of the four terms keeps A exactly symmetric. The
+with c_j = cos θ and s_j = J_{p(j), j} of the pair's rotation. Round n reads (A, V) from one
+half of the buffer and writes (A', V') to the other, one barrier a round, a band of ROWS rows
+at a time: registers hold a ROWS × BLOCK band and a few vectors, never a whole tile, so no
+T up to the limit spills (a register-tile version spilled 0.9 KB a thread at T = 64). The
+row and column copies of c, s come from the same loads and arithmetic, and the grouping of
+the four terms keeps A exactly symmetric. The
 sweep loop is a ``while`` on device: it ends after ``max_sweeps`` sweeps or after a sweep that
 rotated no pair (such a sweep is an exact no-op, so the result equals the reference's).
 Finally λ is sorted ascending by counting ranks (ties by index) and V's columns are scattered
@@ -32,84 +36,111 @@ from fastmtl.kernels._utils import device_guard, next_power_of_2
 __all__ = ["MAX_T", "launch"]
 
 MAX_T = _LIMITS["eigh"]  # larger T runs the torch path (``_limits``)
-# Spill budget (``kernels.aot``): bytes of spill stores per thread for each BLOCK, the worst
-# of sm_80/sm_90 over every T with triton 3.7.1 and 3.6.0, rounded up to 64 B.
-# Spills left at BLOCK 16 (3.6 only) and 64: the goal is none to T = 64.
-SPILL_BUDGET = {"_eigh_kernel": ("BLOCK", {16: 64, 32: 0, 64: 960, 128: 24960})}
+# Spill budget (``kernels.aot``): bytes of spill stores per thread, sm_80/sm_90, every T,
+# triton 3.7.1 and 3.6.0.
+SPILL_BUDGET = {"_eigh_kernel": 0}
 _FLOOR = 1e-2  # = fastmtl.solvers.eigh._FLOOR: absolute rotation floor in ε · max_i |K_ii|
 
 
 @triton.jit
-def _eigh_kernel(k_ptr, lam_ptr, v_ptr, a_scr, v_scr, T, max_sweeps, eps, floor_rel,
-                 BLOCK: tl.constexpr):
+def _rotation(src, j, rnd, M, eps, floor, BLOCK: tl.constexpr):
+    """For the indices j: partner p(j) in round ``rnd``, the pair's rotation (c_j, s_j =
+    J[p(j), j]), whether it rotates, and the new diagonal A'_jj; read from the A tile ``src``.
+    Row and column copies of these vectors come from the same loads, so they agree exactly."""
+    p = (2 * rnd - j + 2 * (M - 1)) % (M - 1)
+    p = tl.where(j == M - 1, rnd, p)
+    p = tl.where(j == rnd, M - 1, p)
+    p = tl.where(j >= M, j, p)
+    d = tl.load(src + j * (BLOCK + 1))
+    dp = tl.load(src + p * (BLOCK + 1))
+    apq = tl.load(src + tl.minimum(j, p) * BLOCK + tl.maximum(j, p))
+    first = j < p
+    app = tl.where(first, d, dp)
+    aqq = tl.where(first, dp, d)
+    rot = (tl.abs(apq) > eps * tl.sqrt(tl.abs(app * aqq)) + floor) & (p != j)
+    tau = (aqq - app) / (2.0 * tl.where(rot, apq, 1.0))
+    t = tl.where(tau >= 0, 1.0, -1.0) / (tl.abs(tau) + tl.sqrt(1.0 + tau * tau))
+    t = tl.where(rot, t, 0.0).to(d.dtype)
+    c = 1.0 / tl.sqrt(1.0 + t * t)
+    s = tl.where(first, -t * c, t * c)
+    return p, c, s, rot, d + tl.where(first, -t, t) * apq
+
+
+@triton.jit
+def _eigh_kernel(k_ptr, lam_ptr, v_ptr, scr, T, max_sweeps, eps, floor_rel,
+                 BLOCK: tl.constexpr, ROWS: tl.constexpr):
     dt = lam_ptr.dtype.element_ty
+    SIZE: tl.constexpr = BLOCK * BLOCK
     r = tl.arange(0, BLOCK)
-    rows = r[:, None]
     cols = r[None, :]
-    inside = (rows < T) & (cols < T)
-    A = tl.load(k_ptr + rows * T + cols, mask=inside, other=0.0).to(dt)
-    A = 0.5 * (A + tl.load(k_ptr + cols * T + rows, mask=inside, other=0.0).to(dt))
-    eye = rows == cols
-    V = tl.where(eye, 1.0, 0.0).to(dt)
-    probe = 0.0 * tl.sum(tl.sum(A, axis=1), axis=0)  # NaN/inf anywhere in K: NaN outputs
-    floor = floor_rel * eps * tl.max(tl.abs(tl.sum(tl.where(eye, A, 0.0), axis=1)), axis=0)
-    tile = rows * BLOCK + cols
+    band = tl.arange(0, ROWS)
+    zero = tl.sum(tl.zeros((ROWS,), dtype=dt), axis=0)
+    probe = zero
+    top = zero
+    for i0 in range(0, BLOCK, ROWS):  # buffer 0 := ((K + Kᵀ)/2, I), a band of rows at a time
+        i = (i0 + band)[:, None]
+        inside = (i < T) & (cols < T)
+        a = tl.load(k_ptr + i * T + cols, mask=inside, other=0.0).to(dt)
+        a = 0.5 * (a + tl.load(k_ptr + cols * T + i, mask=inside, other=0.0).to(dt))
+        tl.store(scr + i * BLOCK + cols, a)
+        tl.store(scr + SIZE + i * BLOCK + cols, tl.where(i == cols, 1.0, 0.0).to(dt))
+        probe += tl.sum(tl.sum(a, axis=1), axis=0)
+        top = tl.maximum(top, tl.max(tl.max(tl.where(i == cols, tl.abs(a), 0.0), axis=1), axis=0))
+    probe = 0.0 * probe  # NaN/inf anywhere in K: NaN outputs
+    floor = floor_rel * eps * top
     M = T + T % 2
 
-    sweep = tl.program_id(0) * 0
+    n = tl.program_id(0) * 0  # rounds done: round n reads buffer n % 2 and writes the other
+    sweep = n
     go = sweep < max_sweeps
     while go:
         changed = sweep * 0
         for rnd in range(0, M - 1):
-            p = (2 * rnd - r + 2 * (M - 1)) % (M - 1)
-            p = tl.where(r == M - 1, rnd, p)
-            p = tl.where(r == rnd, M - 1, p)
-            p = tl.where(r >= M, r, p)
-            tl.store(a_scr + tile, A)
-            tl.store(v_scr + tile, V)
-            tl.debug_barrier()
-            d = tl.load(a_scr + r * (BLOCK + 1))
-            dp = tl.load(a_scr + p * (BLOCK + 1))
-            apq = tl.load(a_scr + tl.minimum(r, p) * BLOCK + tl.maximum(r, p))
-            first = r < p
-            app = tl.where(first, d, dp)
-            aqq = tl.where(first, dp, d)
-            rot = (tl.abs(apq) > eps * tl.sqrt(tl.abs(app * aqq)) + floor) & (p != r)
-            tau = (aqq - app) / (2.0 * tl.where(rot, apq, 1.0))
-            t = tl.where(tau >= 0, 1.0, -1.0) / (tl.abs(tau) + tl.sqrt(1.0 + tau * tau))
-            t = tl.where(rot, t, 0.0).to(dt)
-            c = 1.0 / tl.sqrt(1.0 + t * t)
-            s = tl.where(first, -t * c, t * c)  # J[p(j), j]
-            a_pp = tl.load(a_scr + p[:, None] * BLOCK + p[None, :])
-            a_ip = tl.load(a_scr + rows * BLOCK + p[None, :])
-            a_pj = tl.load(a_scr + p[:, None] * BLOCK + cols)
-            v_ip = tl.load(v_scr + rows * BLOCK + p[None, :])
-            tl.debug_barrier()
-            A = ((c[:, None] * c[None, :]) * A + (s[:, None] * s[None, :]) * a_pp) + (
-                (c[:, None] * s[None, :]) * a_ip + (s[:, None] * c[None, :]) * a_pj)
-            newd = d + tl.where(first, -t, t) * apq
-            A = tl.where(eye, newd[:, None], A)
-            A = tl.where((cols == p[:, None]) & rot[:, None], 0.0, A)
-            V = V * c[None, :] + v_ip * s[None, :]
-            changed = changed | tl.max(rot.to(tl.int32), axis=0)
+            src = scr + (n % 2) * (2 * SIZE)
+            dst = scr + ((n + 1) % 2) * (2 * SIZE)
+            tl.debug_barrier()  # the last round's stores are visible and its loads done
+            pc, cc, sc, rotc, _ = _rotation(src, r, rnd, M, eps, floor, BLOCK)
+            changed = changed | tl.max(rotc.to(tl.int32), axis=0)
+            for i0 in range(0, BLOCK, ROWS):  # a band of ROWS rows at a time
+                i = i0 + band
+                pr, cr, sr, rotr, newd = _rotation(src, i, rnd, M, eps, floor, BLOCK)
+                band_a = ((cr[:, None] * cc[None, :]) * tl.load(src + i[:, None] * BLOCK + cols)
+                     + (sr[:, None] * sc[None, :]) * tl.load(
+                         src + pr[:, None] * BLOCK + pc[None, :])) + (
+                    (cr[:, None] * sc[None, :]) * tl.load(src + i[:, None] * BLOCK + pc[None, :])
+                    + (sr[:, None] * cc[None, :]) * tl.load(src + pr[:, None] * BLOCK + cols))
+                band_a = tl.where(i[:, None] == cols, newd[:, None], band_a)
+                band_a = tl.where((cols == pr[:, None]) & rotr[:, None], 0.0, band_a)
+                tl.store(dst + i[:, None] * BLOCK + cols, band_a)
+                band_v = (tl.load(src + SIZE + i[:, None] * BLOCK + cols) * cc[None, :]
+                     + tl.load(src + SIZE + i[:, None] * BLOCK + pc[None, :]) * sc[None, :])
+                tl.store(dst + SIZE + i[:, None] * BLOCK + cols, band_v)
+            n += 1
         sweep += 1
         go = (sweep < max_sweeps) & (changed != 0)
 
-    lam = tl.sum(tl.where(eye, A, 0.0), axis=1) + probe
-    V = V + probe
-    # ascending order: rank_i = #{j < T: λ_j < λ_i, or λ_j = λ_i and j < i}
-    lam_i = lam[:, None]
-    lam_j = lam[None, :]
-    before = (lam_j < lam_i) | ((lam_j == lam_i) & (cols < rows))
-    rank = tl.sum(tl.where(before & (cols < T), 1, 0), axis=1)
+    tl.debug_barrier()
+    src = scr + (n % 2) * (2 * SIZE)
+    lam = tl.load(src + r * (BLOCK + 1)) + probe
+    # ascending order: rank_j = #{i < T: λ_i < λ_j, or λ_i = λ_j and i < j}
+    rank = tl.zeros((BLOCK,), dtype=tl.int32)
+    for i0 in range(0, BLOCK, ROWS):
+        i = i0 + band
+        lam_i = (tl.load(src + i * (BLOCK + 1)) + probe)[:, None]
+        before = (lam_i < lam[None, :]) | ((lam_i == lam[None, :]) & (i[:, None] < cols))
+        rank += tl.sum(tl.where(before & (i[:, None] < T), 1, 0), axis=0)
     rank = tl.where(lam != lam, r, rank)  # NaN: identity order, every slot written once
     tl.store(lam_ptr + rank, lam, mask=r < T)
-    tl.store(v_ptr + rows * T + rank[None, :], V, mask=inside)
+    for i0 in range(0, BLOCK, ROWS):
+        i = (i0 + band)[:, None]
+        V = tl.load(src + SIZE + i * BLOCK + cols) + probe
+        tl.store(v_ptr + i * T + rank[None, :], V, mask=(i < T) & (cols < T))
 
 
-# Warps per BLOCK: the fewest with no (or the fewest) register spills for sm_80/sm_90 (``aot``;
-# 1, 2 and 8 warps spilled 16 B, 160 B and 96 B at BLOCK = 16, 32, 64).
-_WARPS = {16: 8, 32: 16, 64: 16, 128: 16}
+# Warps and rows per band for each BLOCK: no register spills on sm_80/sm_90 with triton 3.6
+# and 3.7 (``aot``; A and V as register tiles spilled up to 0.9 KB at BLOCK 64, 24 KB at 128).
+_WARPS = 8
+_ROWS = {16: 8, 32: 8, 64: 8, 128: 4}
 
 
 def launch(K: torch.Tensor, max_sweeps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,9 +154,9 @@ def launch(K: torch.Tensor, max_sweeps: int) -> tuple[torch.Tensor, torch.Tensor
     block = max(16, next_power_of_2(T))
     lam = torch.empty(T, dtype=dt, device=K.device)
     V = torch.empty((T, T), dtype=dt, device=K.device)
-    scratch = torch.empty((2, block, block), dtype=dt, device=K.device)
+    scratch = torch.empty((2, 2, block, block), dtype=dt, device=K.device)  # 2 × (A, V)
     with device_guard(K):
-        _eigh_kernel[(1,)](K, lam, V, scratch[0], scratch[1], T, max_sweeps,
+        _eigh_kernel[(1,)](K, lam, V, scratch, T, max_sweeps,
                            torch.finfo(dt).eps, _FLOOR, BLOCK=block,
-                           num_warps=_WARPS[block])
+                           ROWS=_ROWS[block], num_warps=_WARPS)
     return lam, V

@@ -23,29 +23,28 @@ import torch
 import triton
 import triton.language as tl
 from fastmtl.kernels._limits import MAX_T as _LIMITS
-from fastmtl.kernels._utils import device_guard, next_power_of_2
+from fastmtl.kernels._utils import device_guard, next_power_of_2, pad_rows
 
 __all__ = ["MAX_T", "launch"]
 
 MAX_T = _LIMITS["nnqp"]  # larger T runs the torch path (``_limits``)
-# Warps per BLOCK: the fewest with no (or the fewest) register spills for sm_80/sm_90 (``aot``;
-# the former 1 and 4 spilled 0.8 KB and 1 KB a thread at BLOCK = 32 and 64).
-_WARPS = {16: 1, 32: 4, 64: 8, 128: 16}
-# Spill budget (``kernels.aot``): bytes of spill stores per thread for each BLOCK, the worst
-# of sm_80/sm_90 over every T with triton 3.7.1 and 3.6.0, rounded up to 64 B.
-# Spills left at BLOCK 32 (3.6 only) and 64: the goal is none to T = 64.
-SPILL_BUDGET = {"_dual_cone_kernel": ("BLOCK", {16: 0, 32: 64, 64: 128, 128: 7040})}
+# Warps per BLOCK: no register spills to BLOCK 64 on sm_80/sm_90 with triton 3.6 and 3.7
+# (``aot``; with M's rows padded to 16 elements, ``pad_rows``: unpadded odd T spilled 0.1 KB).
+_WARPS = {16: 1, 32: 8, 64: 8, 128: 16}
+# Spill budget (``kernels.aot``): spill bytes per thread for each BLOCK, the worst of
+# sm_80/sm_90 over every T with triton 3.7.1 and 3.6.0, rounded up to 64 B: none to T = 64.
+SPILL_BUDGET = {"_dual_cone_kernel": ("BLOCK", {16: 0, 32: 0, 64: 0, 128: 1408})}
 
 
-@triton.jit
-def _dual_cone_kernel(m_ptr, u_ptr, v_ptr, T, max_iter, switch, tol, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["T"])  # one binary per BLOCK: ld carries the alignment
+def _dual_cone_kernel(m_ptr, u_ptr, v_ptr, T, ld, max_iter, switch, tol, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < T
     rows = offs[:, None]
     cols = offs[None, :]
     tile_mask = mask[:, None] & mask[None, :]
-    A = tl.load(m_ptr + rows * T + cols, mask=tile_mask, other=0.0).to(tl.float64)
+    A = tl.load(m_ptr + rows * ld + cols, mask=tile_mask, other=0.0).to(tl.float64)
     u = tl.load(u_ptr + b * T + offs, mask=mask, other=0.0).to(tl.float64)
     q = tl.sum(A * u[None, :], axis=1)  # q = M u (M symmetric)
     diag_max = tl.max(tl.sum(tl.where(rows == cols, A, 0.0), axis=1), axis=0)
@@ -85,13 +84,13 @@ def launch(M: torch.Tensor, U: torch.Tensor, max_iter: int, switch: int,
     T = M.shape[0]
     if T > MAX_T:
         raise ValueError(f"the dual-cone kernel handles T <= {MAX_T}, got T = {T}")
-    M = M.contiguous()
+    M, ld = pad_rows(M, M.dtype)
     U = U.contiguous()
     B = U.shape[0]
     V = torch.empty(B, T, dtype=torch.float64, device=M.device)
     block = max(16, next_power_of_2(T))
     num_warps = _WARPS[block]
     with device_guard(M):
-        _dual_cone_kernel[(B,)](M, U, V, T, max_iter, switch, float(tol), BLOCK=block,
+        _dual_cone_kernel[(B,)](M, U, V, T, ld, max_iter, switch, float(tol), BLOCK=block,
                                 num_warps=num_warps)
     return V

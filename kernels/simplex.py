@@ -33,8 +33,8 @@ from fastmtl.kernels._utils import next_power_of_2
 __all__ = ["MAX_T", "launch"]
 
 MAX_T = _LIMITS["simplex"]  # larger T runs the torch path (``_limits``)
-# Spill budget (``kernels.aot``): bytes of spill stores per thread for each BLOCK, the worst
-# of sm_80/sm_90 over every T with triton 3.7.1 and 3.6.0, rounded up to 64 B.
+# Spill budget (``kernels.aot``): spill bytes per thread for each BLOCK, the worst of
+# sm_80/sm_90 over every T with triton 3.7.1 and 3.6.0, rounded up to 64 B.
 # None up to T = 64, a value or two above.
 SPILL_BUDGET = {
     "_min_norm_simplex_kernel": (
@@ -44,15 +44,15 @@ _REFRESH = 32
 
 
 @triton.jit
-def _matvec(k_ptr, w_ptr, T, offs, mask, ONES: tl.constexpr, BLOCK: tl.constexpr,
+def _matvec(k_ptr, w_ptr, T, ld, offs, mask, ONES: tl.constexpr, BLOCK: tl.constexpr,
             BC: tl.constexpr):
-    """K @ w for row-major K (T, T), w read from ``w_ptr`` (or w = 1 when ONES), in w's dtype."""
+    """K @ w for K (T, T) with row stride ``ld``, w read from ``w_ptr`` (or w = 1 when ONES), in w's dtype."""
     acc = tl.zeros((BLOCK,), dtype=w_ptr.dtype.element_ty)
     cols = tl.arange(0, BC)
     for c0 in range(0, T, BC):
         c = c0 + cols
         cmask = c < T
-        tile = tl.load(k_ptr + offs[:, None] * T + c[None, :],
+        tile = tl.load(k_ptr + offs[:, None] * ld + c[None, :],
                        mask=mask[:, None] & cmask[None, :], other=0.0)
         tile = tile.to(w_ptr.dtype.element_ty)
         if ONES:
@@ -71,20 +71,20 @@ def _shift(kx, x, mask, b, s, s2g):
 
 
 @triton.jit
-def _row(k_ptr, i, T, offs, mask, b, s, s2g, dt):
+def _row(k_ptr, i, T, ld, offs, mask, b, s, s2g, dt):
     """Row i of K_s (K symmetric, read from global memory)."""
-    ki = tl.load(k_ptr + i * T + offs, mask=mask, other=0.0).to(dt)
+    ki = tl.load(k_ptr + i * ld + offs, mask=mask, other=0.0).to(dt)
     bi = tl.sum(tl.where(offs == i, b, 0.0), axis=0)
     return tl.where(mask, ki + s * (bi + b) + s2g, 0.0)
 
 
 @triton.jit
-def _solve_shifted(k_ptr, w_ptr, T, offs, mask, b, s, s2g, max_iter, tol, eps,
+def _solve_shifted(k_ptr, w_ptr, T, ld, offs, mask, b, s, s2g, max_iter, tol, eps,
                    BLOCK: tl.constexpr, BC: tl.constexpr, REFRESH: tl.constexpr):
     """argmin_{w ∈ Δ} wᵀ K_s w (K_s as in ``_shift``; s = 0 is the plain problem) in registers;
     ``w_ptr`` (T,) is scratch and holds w on return."""
     dt = w_ptr.dtype.element_ty
-    diag = tl.load(k_ptr + offs * (T + 1), mask=mask, other=0.0).to(dt)
+    diag = tl.load(k_ptr + offs * (ld + 1), mask=mask, other=0.0).to(dt)
     diag = tl.where(mask, diag + 2.0 * s * b + s2g, 0.0)
     norms = tl.sqrt(tl.maximum(diag, 0.0))
     ones = mask.to(dt)
@@ -92,7 +92,7 @@ def _solve_shifted(k_ptr, w_ptr, T, offs, mask, b, s, s2g, max_iter, tol, eps,
 
     # Start at the uniform point if its objective sum(K)/T² is at most min_i K_ii, else at
     # the vertex of the shortest gradient.
-    ksum = tl.sum(_shift(_matvec(k_ptr, w_ptr, T, offs, mask, True, BLOCK, BC), ones, mask,
+    ksum = tl.sum(_shift(_matvec(k_ptr, w_ptr, T, ld, offs, mask, True, BLOCK, BC), ones, mask,
                          b, s, s2g), axis=0)
     dmasked = tl.where(mask, diag, float("inf"))
     vmin = tl.argmin(dmasked, axis=0)
@@ -102,7 +102,7 @@ def _solve_shifted(k_ptr, w_ptr, T, offs, mask, b, s, s2g, max_iter, tol, eps,
     tl.debug_barrier()
     tl.store(w_ptr + offs, w, mask=mask)
     tl.debug_barrier()
-    g = _shift(_matvec(k_ptr, w_ptr, T, offs, mask, False, BLOCK, BC), w, mask, b, s, s2g)
+    g = _shift(_matvec(k_ptr, w_ptr, T, ld, offs, mask, False, BLOCK, BC), w, mask, b, s, s2g)
 
     it = tl.program_id(0) * 0
     fresh = it + 1  # g was computed exactly, not updated incrementally, since the last refresh
@@ -111,7 +111,7 @@ def _solve_shifted(k_ptr, w_ptr, T, offs, mask, b, s, s2g, max_iter, tol, eps,
         gw = tl.where(mask & (w > 0), g, float("-inf"))
         v = tl.argmax(gw, axis=0)
         diff = tl.where(mask, tl.max(gw, axis=0) - g, float("-inf"))
-        kv = _row(k_ptr, v, T, offs, mask, b, s, s2g, dt)
+        kv = _row(k_ptr, v, T, ld, offs, mask, b, s, s2g, dt)
         kvv = tl.sum(tl.where(offs == v, diag, 0.0), axis=0)
         nv = tl.sum(tl.where(offs == v, norms, 0.0), axis=0)
         thr = (tol * tl.maximum(tl.sum(w * g, axis=0), 0.0)
@@ -125,7 +125,7 @@ def _solve_shifted(k_ptr, w_ptr, T, offs, mask, b, s, s2g, max_iter, tol, eps,
         wv = tl.sum(tl.where(offs == v, w, 0.0), axis=0)
         active = tl.max(gain, axis=0) >= 0.0
         gam = tl.where(active, tl.minimum(ds / dens, wv), 0.0)
-        ks = _row(k_ptr, s_new, T, offs, mask, b, s, s2g, dt)
+        ks = _row(k_ptr, s_new, T, ld, offs, mask, b, s, s2g, dt)
         w = tl.where(offs == s_new, w + gam, tl.where(offs == v, w - gam, w))
         g = g + gam * (ks - kv)
         it += 1
@@ -135,7 +135,7 @@ def _solve_shifted(k_ptr, w_ptr, T, offs, mask, b, s, s2g, max_iter, tol, eps,
             tl.debug_barrier()
             tl.store(w_ptr + offs, w, mask=mask)
             tl.debug_barrier()
-            g = _shift(_matvec(k_ptr, w_ptr, T, offs, mask, False, BLOCK, BC), w, mask, b, s,
+            g = _shift(_matvec(k_ptr, w_ptr, T, ld, offs, mask, False, BLOCK, BC), w, mask, b, s,
                        s2g)
         fresh = refresh.to(tl.int32)
         go = (it < max_iter) & (stop == 0)
@@ -154,16 +154,21 @@ def _min_norm_simplex_kernel(k_ptr, w_ptr, T, max_iter, tol, eps, BLOCK: tl.cons
     offs = tl.arange(0, BLOCK)
     mask = offs < T
     zero = tl.zeros((BLOCK,), dtype=w_ptr.dtype.element_ty)
-    _solve_shifted(k_ptr, w_ptr, T, offs, mask, zero, 0.0, 0.0, max_iter, tol, eps, BLOCK, BC,
+    _solve_shifted(k_ptr, w_ptr, T, T, offs, mask, zero, 0.0, 0.0, max_iter, tol, eps, BLOCK, BC,
                    REFRESH)
 
 
+# (BC, num_warps) per BLOCK: column tiles of BC columns for the exact products K @ w; chosen
+# with ``aot`` so that neither this kernel nor CAGrad's (the same solver inside a root search)
+# spills up to BLOCK = 64.
+_CONFIG = {16: (16, 1), 32: (16, 1), 64: (4, 1), 128: (2, 1), 256: (2, 2), 512: (1, 2),
+           1024: (1, 4)}
+
+
 def _config(T: int) -> tuple[int, int, int]:
-    """(BLOCK, BC, num_warps): a padded block of T lanes, column tiles of ~256·warps elements."""
+    """(BLOCK, BC, num_warps) for T: a padded block of T lanes and ``_CONFIG``'s tiles."""
     block = max(16, next_power_of_2(T))
-    num_warps = 1 if block <= 128 else (2 if block <= 512 else 4)
-    bc = max(1, min(block, 256 * num_warps // block))
-    return block, bc, num_warps
+    return (block, *_CONFIG[block])
 
 
 def launch(K: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
