@@ -17,23 +17,34 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastmtl.kernels._utils import autotune, cdiv, check_columns, device_guard, next_power_of_2
+from fastmtl.kernels._utils import (
+    PTXAS_SPILL_SLACK,
+    autotune,
+    cdiv,
+    check_columns,
+    device_guard,
+    next_power_of_2,
+)
 
 __all__ = ["launch"]
 
 _MAX_BLOCK_T = 8  # rows per tile; the T loop does the rest
+# Tile elements a thread may hold: 8 x 1024 tiles on 4 warps (64) spilled 8-48 B (``aot``).
+_PER_THREAD = 32
+SPILL_BUDGET = {"_combine": PTXAS_SPILL_SLACK}  # tiles that do not fit are pruned
 
 
 def _prune(configs, named_args, **kwargs):
     """Keep configs whose BLOCK_T x BLOCK_N tile fits in registers."""
-    kept = [c for c in configs if kwargs["BLOCK_T"] * c.kwargs["BLOCK_N"] <= 8192]
+    kept = [c for c in configs
+            if kwargs["BLOCK_T"] * c.kwargs["BLOCK_N"] <= _PER_THREAD * 32 * c.num_warps]
     return kept or configs[:1]
 
 
 @autotune(
     gpu=[({"BLOCK_N": bn}, w, 3) for bn, w in ((256, 4), (512, 4), (1024, 4), (1024, 8),
                                                 (2048, 8))],
-    default=({"BLOCK_N": 1024}, 4, 3),  # fits every BLOCK_T
+    default=({"BLOCK_N": 512}, 4, 3),  # fits every BLOCK_T
     interpret={"BLOCK_N": 64},
     key=["T", "N"],
     prune=_prune,

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from fastmtl.kernels._utils import (
     INTERPRET,
+    PTXAS_SPILL_SLACK,
     autotune,
     cdiv,
     check_columns,
@@ -37,25 +38,43 @@ __all__ = ["launch"]
 # Widest tile of T rows; with tl.dot under the interpreter a smaller one exercises tiling at T=64.
 _MAX_BLOCK_T = 16 if INTERPRET else 64
 _DOT_MIN = 16  # tl.dot needs every dimension >= 16 on older Triton/GPUs
-_GPU_CONFIGS = ((64, 4), (128, 4), (256, 4), (256, 8), (512, 8), (1024, 8), (2048, 8))
+_GPU_CONFIGS = ((32, 8), (64, 4), (64, 8), (128, 4), (128, 8), (256, 4), (256, 8), (512, 8),
+                (1024, 8), (2048, 8))
+# Register words (4 bytes) a thread may hold without spilling, measured with ``kernels.aot``
+# (sm_80/sm_90): tl.dot path, the BLOCK_T x BLOCK_N tiles of G and the BLOCK_T² accumulator at
+# most 16 words each (64 x 64 tiles on 4 warps spilled 40 B, 64 x 128 ones 1.4 KB, two fp32
+# 64 x 64 tiles on 8 warps 40 B); elementwise path, the products and tiles at most 144 words
+# (fp64 two-tile 8 x 8 x 128 on 4 warps spilled).
+_DOT_PER_THREAD = 16
+_PRODUCT_WORDS = 144
+SPILL_BUDGET = {"_gram_partial": PTXAS_SPILL_SLACK}  # tiles that do not fit are pruned
 _CHUNK_ALIGN = 64 if INTERPRET else 2048  # chunks of N start on a multiple of every BLOCK_N
 _REDUCE_BLOCK = 1024
 
 
+def _fits(bt: int, one_tile: bool, use_dot: bool, g_size: int, bn: int, num_warps: int) -> bool:
+    """Whether BLOCK_T = bt, BLOCK_N = bn on ``num_warps`` warps stays in registers (``g_size``:
+    bytes of an element of G; the elementwise path multiplies in the accumulation dtype)."""
+    threads = 32 * num_warps
+    tiles = 1 if one_tile else 2
+    if use_dot:
+        return (tiles * bt * bn * g_size <= 4 * _DOT_PER_THREAD * threads
+                and bt * bt <= _DOT_PER_THREAD * threads)
+    words = 2 if g_size == 8 else 1
+    return (bt * bt + tiles * bt) * bn * words <= _PRODUCT_WORDS * threads
+
+
 def _prune(configs, named_args, **kwargs):
-    """Keep configs whose register tile fits: BLOCK_T x BLOCK_N loads, and for the elementwise
-    path BLOCK_T x BLOCK_T x BLOCK_N products (at most 64 KiB of accumulation dtype)."""
-    bt = kwargs["BLOCK_T"]
-    per_n = bt if kwargs["USE_DOT"] else bt * bt
-    size = 8 if named_args["g_ptr"].dtype == torch.float64 else 4
-    kept = [c for c in configs if bt * c.kwargs["BLOCK_N"] <= 8192
-            and per_n * c.kwargs["BLOCK_N"] * size <= 65536]
+    """Keep the configs whose tiles fit in registers (``_fits``)."""
+    g_size = named_args["g_ptr"].element_size()
+    kept = [c for c in configs if _fits(kwargs["BLOCK_T"], kwargs["ONE_TILE"], kwargs["USE_DOT"],
+                                        g_size, c.kwargs["BLOCK_N"], c.num_warps)]
     return kept or configs[:1]
 
 
 @autotune(
     gpu=[({"BLOCK_N": bn}, w, 3 if bn <= 256 else 2) for bn, w in _GPU_CONFIGS],
-    default=({"BLOCK_N": 64}, 4, 3),  # fits every BLOCK_T
+    default=({"BLOCK_N": 32}, 8, 3),  # fits every BLOCK_T (two fp32 64-row tiles: ``_fits``)
     interpret={"BLOCK_N": 64},
     key=["T", "N"],
     prune=_prune,

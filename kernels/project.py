@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from fastmtl.kernels._utils import (
     INTERPRET,
+    PTXAS_SPILL_SLACK,
     autotune,
     cdiv,
     check_columns,
@@ -49,23 +50,38 @@ _DOT_MIN = 16  # tl.dot needs every dimension >= 16 on older Triton/GPUs
 # so it takes bigger chunks of T (the same code with other block sizes).
 _PRODUCTS = 128 if INTERPRET else 8
 _MAX_PROGRAMS = 2**31 - 1  # one grid axis; column blocks of >= 64 (the smallest BLOCK_N)
-_GPU_CONFIGS = ((64, 4), (128, 4), (256, 4), (512, 8), (1024, 8), (2048, 8))
+_GPU_CONFIGS = ((64, 4), (64, 8), (128, 4), (128, 8), (256, 4), (256, 8), (512, 8), (1024, 8),
+                (2048, 8))
+# Elements a thread may hold without spilling, measured with ``kernels.aot`` (sm_80/sm_90):
+# tl.dot path, the BLOCK_TP x BLOCK_N accumulator and the BLOCK_T x BLOCK_N tile of G together
+# at most 32 (64 x 128 accumulators on 4 warps spilled 80 B; 32 x 256 with converted bf16 tiles
+# 3.5 KB); elementwise path, the tile of G at most 16 (fp16 4 x 2048 on 8 warps spilled 24 B).
+_DOT_PER_THREAD = 32
+_TILE_PER_THREAD = 16
+SPILL_BUDGET = {"_project": PTXAS_SPILL_SLACK}  # tiles that do not fit are pruned
+
+
+def _fits(btp: int, bt: int, use_dot: bool, size: int, bn: int, num_warps: int) -> bool:
+    """Whether (BLOCK_TP, BLOCK_T, BLOCK_N) = (btp, bt, bn) on ``num_warps`` warps stays in
+    registers (``size``: bytes of an accumulation element)."""
+    threads = 32 * num_warps
+    if use_dot:
+        return (btp + bt) * bn <= _DOT_PER_THREAD * threads
+    return (bt * bn <= _TILE_PER_THREAD * threads and btp * bn * size <= 32768
+            and btp * bt * bn * size <= 65536)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep configs whose register tiles fit: the BLOCK_TP x BLOCK_N accumulator (at most
-    32 KiB), the BLOCK_T x BLOCK_N loads and, for the elementwise path, the products (64 KiB)."""
-    btp, bt = kwargs["BLOCK_TP"], kwargs["BLOCK_T"]
+    """Keep the configs whose tiles fit in registers (``_fits``)."""
     size = 8 if named_args["g_ptr"].dtype == torch.float64 else 4
-    prod = 0 if kwargs["USE_DOT"] else btp * bt * size
-    kept = [c for c in configs if btp * c.kwargs["BLOCK_N"] * size <= 32768
-            and bt * c.kwargs["BLOCK_N"] <= 8192 and prod * c.kwargs["BLOCK_N"] <= 65536]
+    kept = [c for c in configs if _fits(kwargs["BLOCK_TP"], kwargs["BLOCK_T"], kwargs["USE_DOT"],
+                                        size, c.kwargs["BLOCK_N"], c.num_warps)]
     return kept or configs[:1]
 
 
 @autotune(
     gpu=[({"BLOCK_N": bn}, w, 3 if bn <= 256 else 2) for bn, w in _GPU_CONFIGS],
-    default=({"BLOCK_N": 128}, 4, 3),  # fits every (BLOCK_TP, BLOCK_T)
+    default=({"BLOCK_N": 64}, 8, 3),  # fits every (BLOCK_TP, BLOCK_T)
     interpret={"BLOCK_N": 256},  # few programs: each costs ~10 ms of Python
     key=["TP", "T", "N"],
     prune=_prune,

@@ -46,7 +46,8 @@ _REFRESH = 32
 @triton.jit
 def _matvec(k_ptr, w_ptr, T, ld, offs, mask, ONES: tl.constexpr, BLOCK: tl.constexpr,
             BC: tl.constexpr):
-    """K @ w for K (T, T) with row stride ``ld``, w read from ``w_ptr`` (or w = 1 when ONES), in w's dtype."""
+    """K @ w for K (T, T) with row stride ``ld``, w read from ``w_ptr`` (or w = 1 when ONES),
+    in w's dtype."""
     acc = tl.zeros((BLOCK,), dtype=w_ptr.dtype.element_ty)
     cols = tl.arange(0, BC)
     for c0 in range(0, T, BC):
