@@ -1,4 +1,5 @@
-"""Argument checks shared by the aggregators, solvers, weightings and optimizers (not public).
+"""Argument checks shared by the entry points, engines, aggregators, solvers, weightings and
+optimizers (not public). Each argument of a public call is checked once, by its entry point.
 
 Each raises ``ValueError`` with the message "{who}: {name} must be ..., got {value!r}" (no
 "{who}: " prefix when ``who`` is None) and returns the checked value. Booleans are not
@@ -8,14 +9,17 @@ accepted as numbers (but see ``check_number``'s ``bool_ok``).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_bool", "check_choice", "check_finite_losses", "check_generator", "check_int",
-           "check_number", "check_seed", "check_task_grads", "checking_values",
-           "generator_state", "load_generator_state"]
+__all__ = ["ENGINES", "check_aggregator", "check_bool", "check_choice", "check_engine",
+           "check_engine_name", "check_features", "check_finite_losses", "check_generator",
+           "check_int", "check_losses_list", "check_number", "check_seed", "check_shared_params",
+           "check_task_grads", "checking_values", "generator_state", "load_generator_state"]
+
+ENGINES = ("auto", "loop", "vmap")  # the per-task gradient engines, by name (``fastmtl.engine``)
 
 
 def _fail(who: str | None, name: str, what: str, value: object) -> ValueError:
@@ -164,3 +168,123 @@ def check_finite_losses(losses: Sequence[Tensor] | Tensor) -> None:
     if not bool(finite.all()):
         bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
         raise ValueError(f"non-finite losses at task indices {bad}: {values[bad].tolist()}")
+
+
+def check_engine_name(engine: object) -> str:
+    if not isinstance(engine, str):
+        raise TypeError(f"engine must be one of {ENGINES}, got {type(engine).__name__}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
+    return engine
+
+
+def check_losses_list(losses: object) -> list[Tensor]:
+    """Validate T >= 1 scalar floating losses that require grad, all on one device.
+
+    ``losses`` is a sequence of one-element tensors or a 1-D tensor (its entries are the
+    losses). Returns them as a list of 0-d tensors (``reshape(())`` views).
+    """
+    if isinstance(losses, Tensor):
+        if losses.dim() != 1:
+            raise ValueError("losses given as one tensor must be 1-D (one entry per task), "
+                             f"got shape {tuple(losses.shape)}")
+        losses = list(losses.unbind(0))
+    elif isinstance(losses, Iterable) and not isinstance(losses, str | bytes):
+        losses = list(losses)
+    else:
+        raise TypeError(f"losses must be a sequence of scalar tensors, got {type(losses).__name__}")
+    if not losses:
+        raise ValueError("losses is empty: need at least one task loss")
+    out = []
+    for i, loss in enumerate(losses):
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"losses[{i}] must be a torch.Tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"losses[{i}] must be a scalar (one element), "
+                             f"got shape {tuple(loss.shape)}")
+        if not loss.is_floating_point():
+            raise TypeError(f"losses[{i}] must be floating point, got {loss.dtype}")
+        if not loss.requires_grad:
+            raise ValueError(f"losses[{i}] does not require grad: it is not connected to any "
+                             "parameter (computed under no_grad, or detached?)")
+        out.append(loss.reshape(()))
+    devices = {loss.device for loss in out}
+    if len(devices) > 1:
+        raise ValueError(f"losses are on different devices: {sorted(map(str, devices))}")
+    return out
+
+
+def check_shared_params(params: object) -> list[Tensor]:
+    """Validate a non-empty collection of distinct leaf tensors that require grad."""
+    if isinstance(params, Tensor):
+        params = [params]
+    elif isinstance(params, Iterable) and not isinstance(params, str | bytes):
+        params = list(params)
+    else:
+        raise TypeError("shared_params must be an iterable of tensors, "
+                        f"got {type(params).__name__}")
+    if not params:
+        raise ValueError("shared_params is empty: need at least one shared parameter")
+    seen: dict[int, int] = {}
+    for k, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"shared_params[{k}] must be a torch.Tensor, got {type(p).__name__}")
+        if not p.requires_grad:
+            raise ValueError(f"shared_params[{k}] (shape {tuple(p.shape)}) does not require grad")
+        if not p.is_leaf:
+            raise ValueError(f"shared_params[{k}] (shape {tuple(p.shape)}) is not a leaf tensor: "
+                             "pass parameters, not results of operations on them")
+        if id(p) in seen:
+            raise ValueError(f"shared_params[{k}] is the same tensor as "
+                             f"shared_params[{seen[id(p)]}]: duplicates are not allowed")
+        seen[id(p)] = k
+    return params
+
+
+def check_features(features: object) -> Tensor:
+    if not isinstance(features, Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if not features.requires_grad:
+        raise ValueError("features does not require grad: pass the shared representation z "
+                         "as computed by the encoder (not detached)")
+    if not features.is_floating_point() or features.numel() == 0:
+        raise ValueError(f"features must be a non-empty floating tensor, got {features.dtype} "
+                         f"of shape {tuple(features.shape)}")
+    return features
+
+
+def check_engine(engine: object) -> object:
+    """An engine name (``check_engine_name``) or an engine object (``TaskGradients``,
+    ``LatentGradients``: any ``fastmtl.engine.GradientEngine``)."""
+    from fastmtl.engine.base import GradientEngine
+
+    if isinstance(engine, str):
+        return check_engine_name(engine)
+    if not isinstance(engine, GradientEngine):
+        raise TypeError(f"engine must be one of {ENGINES}, a TaskGradients or a "
+                        f"LatentGradients, got {type(engine).__name__}")
+    return engine
+
+
+def check_aggregator(aggregator: object, name: str = "aggregator") -> object:
+    """A ``fastmtl.aggregators.Aggregator`` (write your own by subclassing it and implementing
+    ``_weights(K, losses)``). Anything else is a ``TypeError`` before any backward pass; a loss
+    weighting and a torchjd aggregator get a message saying how to use them instead."""
+    from fastmtl.aggregators.base import Aggregator
+
+    if isinstance(aggregator, Aggregator):
+        return aggregator
+    kind = type(aggregator)
+    module = getattr(kind, "__module__", "") or ""
+    got = f"got {kind.__name__}"
+    if module.startswith("fastmtl.weighting"):
+        raise TypeError(
+            f"{name} must be a fastmtl.aggregators.Aggregator, {got}, a loss weighting: it "
+            "weighs the losses, not their gradients. Use it as `weighting(losses).backward()` "
+            "(see its docstring), or pass an aggregator such as fm.aggregators.MGDA()")
+    if module.split(".")[0] == "torchjd":
+        raise TypeError(
+            f"{name} must be a fastmtl.aggregators.Aggregator, {got} from torchjd: use the "
+            f"fastmtl aggregator of the same name (fm.aggregators.{kind.__name__}())")
+    raise TypeError(f"{name} must be a fastmtl.aggregators.Aggregator (subclass it and "
+                    f"implement _weights(K, losses) for a method of your own), {got}")

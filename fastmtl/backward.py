@@ -21,22 +21,24 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from fastmtl._checks import check_finite_losses
-from fastmtl.engine import cache
-from fastmtl.engine.base import check_engine_name, check_losses_list, check_shared_params
-from fastmtl.engine.latent import LatentGradients, check_features
+from fastmtl._checks import (
+    check_aggregator,
+    check_engine,
+    check_features,
+    check_finite_losses,
+    check_losses_list,
+    check_shared_params,
+)
+from fastmtl.engine import cache, pipeline
+from fastmtl.engine.latent import LatentGradients
 from fastmtl.engine.task_gradients import TaskGradients
 
 __all__ = ["mtl_backward"]
 
 
-def _check_aggregator(aggregator: object) -> None:
-    if not callable(getattr(aggregator, "weights", None)):
-        raise TypeError("aggregator must have a weights(K, losses) method (a "
-                        f"fastmtl.aggregators.Aggregator), got {type(aggregator).__name__}")
-
-
-def _resolve_engine(engine: object, params: list[Tensor], latent: bool):
+def _resolve_engine(engine: str | TaskGradients | LatentGradients, params: list[Tensor],
+                    latent: bool) -> TaskGradients | LatentGradients:
+    """The engine object for a checked ``engine`` argument (a name: from the cache)."""
     if isinstance(engine, TaskGradients):
         if latent:
             raise TypeError("features= (latent mode) needs a LatentGradients engine, "
@@ -49,10 +51,9 @@ def _resolve_engine(engine: object, params: list[Tensor], latent: bool):
         if not latent:
             raise TypeError("a LatentGradients engine needs features=z")
         return engine
-    name = check_engine_name(engine)
     if latent:
-        return cache.cached("latent", name, params, lambda: LatentGradients(name))
-    return cache.cached("params", name, params, lambda: TaskGradients(params, name))
+        return cache.cached("latent", engine, params, lambda: LatentGradients(engine))
+    return cache.cached("params", engine, params, lambda: TaskGradients(params, engine))
 
 
 def mtl_backward(
@@ -69,7 +70,8 @@ def mtl_backward(
     Args:
         losses: T >= 1 scalar losses (a sequence, or a 1-D tensor), all on one device.
         shared_params: the parameters whose per-task gradients are aggregated (the encoder).
-        aggregator: a ``fastmtl.aggregators.Aggregator`` (anything with ``weights(K, losses)``).
+        aggregator: a ``fastmtl.aggregators.Aggregator`` (a method of your own: subclass it).
+            Anything else, a loss weighting included, is a ``TypeError`` before any backward.
         features: the shared representation z: latent (MGDA-UB) mode, K from ∇_z L_i.
         engine: "loop" | "vmap" | "auto" ("loop" when the losses are on the CPU or T <= 2,
             else "vmap", falling back to "loop" for good if vmap fails), or an engine
@@ -93,14 +95,10 @@ def mtl_backward(
     """
     losses = check_losses_list(losses)
     params = check_shared_params(shared_params)
-    _check_aggregator(aggregator)
+    aggregator = check_aggregator(aggregator)
     if features is not None:
         features = check_features(features)
-    if isinstance(engine, str):
-        check_engine_name(engine)
-    elif not isinstance(engine, TaskGradients | LatentGradients):
-        raise TypeError("engine must be 'loop', 'vmap', 'auto', a TaskGradients or a "
-                        f"LatentGradients, got {type(engine).__name__}")
+    engine = check_engine(engine)
     if check_finite:
         check_finite_losses(losses)
     T = len(losses)
@@ -111,21 +109,6 @@ def mtl_backward(
         dtype = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
         return torch.full((T,), scale, dtype=dtype, device=losses[0].device)
     eng = _resolve_engine(engine, params, features is not None)
-    if features is None:
-        eng.compute(losses)
-        K = eng.gram()
-        w = aggregator.weights(K, _stack(losses, K))
-        eng.write_direction(w)
-        return w
-    try:
-        eng.compute(losses, features)
-        K = eng.gram()
-        w = aggregator.weights(K, _stack(losses, K))
-        eng.backward(w)
-    finally:
-        eng.discard()
-    return w
-
-
-def _stack(losses: Sequence[Tensor], K: Tensor) -> Tensor:
-    return torch.stack([loss.detach().to(K.dtype) for loss in losses]).to(K.device)
+    if features is not None:
+        eng._bind(features)  # checked above
+    return pipeline.run(eng, losses, aggregator.weights).w

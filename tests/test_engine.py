@@ -183,7 +183,7 @@ def test_loop_accumulates_into_the_buffer_in_place():
     assert_matches(tg, pb, exact=True)
 
 
-def test_direction_and_write_direction():
+def test_direction_and_apply():
     pb = Problem(3, mixed=True)
     tg = TaskGradients(pb.shared, engine="loop").compute(pb.losses())
     G_ref, _, _ = reference(pb)
@@ -192,7 +192,7 @@ def test_direction_and_write_direction():
         torch.testing.assert_close(d, (w.to(G.dtype) @ G), rtol=1e-5, atol=1e-6)
     for p in pb.shared:
         p.grad = None
-    tg.write_direction(w)
+    assert tg.apply(w) is None
     assert pb.unused.grad is None            # reached by no task: untouched
     flat = tg.groups[0].flat
     assert pb.W1.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
@@ -200,7 +200,7 @@ def test_direction_and_write_direction():
     for p, r in zip(pb.shared[:5], ref):
         torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="shape"):
-        tg.write_direction(torch.ones(2))
+        tg.apply(torch.ones(2))
 
 
 def test_auto_rule():
@@ -287,18 +287,19 @@ def test_latent_equals_chain_rule(mode, T):
     ref_enc = torch.autograd.grad(z, encoder, d_z, retain_graph=True)
     ref_rest = torch.autograd.grad(sum(losses), pb.heads + [pb.partial], retain_graph=True)
 
-    lg = LatentGradients(engine=mode).compute(losses, z)
+    lg = LatentGradients(engine=mode).bind(z).compute(losses)
     assert lg.mode == mode and lg.reached.all()
     torch.testing.assert_close(lg.buffer, G_z, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lg.gram(), G_z @ G_z.T, rtol=1e-5, atol=1e-6)
-    lg.backward(w)
+    d = lg.apply(w, return_direction=True)
+    torch.testing.assert_close(d, d_z, rtol=1e-5, atol=1e-6)
     for p, r in zip(encoder, ref_enc):
         torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-6)
     for p, r in zip(pb.heads + [pb.partial], ref_rest):   # plain sum, also for `partial`
         torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-6)
     assert pb.unused.grad is None
     with pytest.raises(RuntimeError, match="compute"):
-        lg.backward(w)
+        lg.apply(w)
 
 
 def test_latent_task_not_reaching_z():
@@ -306,7 +307,7 @@ def test_latent_task_not_reaching_z():
     z = pb.features()
     losses = [pb.losses(z)[0], (pb.heads[2] ** 2).sum()]
     for mode in MODES:
-        lg = LatentGradients(engine=mode).compute(losses, z)
+        lg = LatentGradients(engine=mode).bind(z).compute(losses)
         assert lg.reached.tolist() == [True, False]
         assert bool((lg.buffer[1] == 0).all()) and bool((lg.buffer[0] != 0).any())
         lg.discard()

@@ -53,6 +53,17 @@ def test_gram_many_row_tiles(device, backend, dtype):
     _check(K, G)
 
 
+@pytest.mark.parametrize("N", [2 * 16384, 3 * 16384 + 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_gram_reference_in_chunks(dtype, N):
+    """The reference sums partial Grams of 16384-column chunks (one batched matmul) and the
+    ragged tail: the same K to the accumulation tolerance, exactly symmetric, with a tail."""
+    from fastmtl.ops.gram import _CHUNK, gram_reference
+    assert N >= 2 * _CHUNK
+    G = randn(10, N, dtype=dtype, seed=N)
+    _check(gram_reference(G), G)
+
+
 @pytest.mark.kernels
 @pytest.mark.parametrize("layout", ["column_slice", "transposed", "expanded"])
 @pytest.mark.parametrize("T,N", [(3, 1), (5, 300), (20, 129)])

@@ -438,3 +438,27 @@ def test_batched_step_has_no_host_sync_on_cuda(armijo):
     info_seq = seq.step(x, ys)
     assert float(info.step_size) == float(info_seq.step_size)
     assert int(info.trials) == int(info_seq.trials)
+
+
+def test_one_latent_step_runs_the_pipeline_once(monkeypatch):
+    """One forward's losses are checked once, d_z is formed once (returned by ``apply``), and
+    the per-task gradients, K and w come from one ``pipeline.run``."""
+    from fastmtl.engine import LatentGradients, pipeline
+    from fastmtl.linesearch import base
+
+    counts = {"run": 0, "direction": 0, "check": 0}
+    run, direction, check = pipeline.run, LatentGradients.direction, base.check_losses_list
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(pipeline, "run", counted("run", run))
+    monkeypatch.setattr(LatentGradients, "direction", counted("direction", direction))
+    monkeypatch.setattr(base, "check_losses_list", counted("check", check))
+    enc, heads, x, ys = _mlp(3)
+    ls = LatentBacktracking(enc, heads, [F.cross_entropy] * 2, lr=1.0, batched=False)
+    ls.step(x, ys)
+    assert counts == {"run": 1, "direction": 1, "check": 1}

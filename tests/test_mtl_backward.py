@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastmtl as fm
-from fastmtl.aggregators import Aggregator, Mean, Sum
+from fastmtl.aggregators import MGDA, Aggregator, Mean, Sum
 from fastmtl.engine import LatentGradients, TaskGradients, cache
 
 MODES = ["loop", "vmap"]
@@ -264,6 +264,62 @@ def test_bad_inputs(case):
     _, args, kwargs, exc, match = case
     with pytest.raises(exc, match=match):
         fm.mtl_backward(*args, **kwargs)
+
+
+class _DuckAggregator:  # weights(K, losses), but not an Aggregator
+    def weights(self, K, losses=None):
+        return torch.ones(K.shape[0], dtype=K.dtype)
+
+
+@pytest.mark.parametrize("aggregator,match", [
+    (fm.weighting.DWA(2), "loss weighting"),
+    (fm.weighting.UncertaintyWeighting(2), "loss weighting"),
+    (_DuckAggregator(), "subclass it"),
+    (MGDA, "got ABCMeta|got type"),            # the class, not an instance
+], ids=["DWA", "UW", "duck", "class"])
+def test_non_aggregators_are_refused_before_any_backward(aggregator, match):
+    net = Net(2)
+    calls = []
+    hooks = [p.register_hook(lambda g: calls.append(1)) for p in net.parameters()]
+    with pytest.raises(TypeError, match=match):
+        fm.mtl_backward(net.losses(), net.shared(), aggregator)
+    assert not calls and all(p.grad is None for p in net.parameters())
+    for h in hooks:
+        h.remove()
+    with pytest.raises(TypeError, match=match):
+        fm.optim.MTLOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), aggregator,
+                              net.shared())
+
+
+def test_torchjd_aggregator_names_the_fastmtl_one():
+    torchjd = pytest.importorskip("torchjd.aggregation")
+    net = Net(2)
+    with pytest.raises(TypeError, match=r"fm\.aggregators\.UPGrad\(\)"):
+        fm.mtl_backward(net.losses(), net.shared(), torchjd.UPGrad())
+
+
+def test_a_failing_aggregator_frees_the_latent_graph():
+    class Boom(Aggregator):
+        def _weights(self, K, losses):
+            raise RuntimeError("boom")
+
+    cache.clear()
+    net = Net(2)
+    z = net.features()
+    with pytest.raises(RuntimeError, match="boom"):
+        fm.mtl_backward(net.losses(z), net.shared(), Boom(), features=z, engine="loop")
+    lg = cache.cached("latent", "loop", net.shared(), lambda: None)
+    assert lg._pending is None and lg._features is None
+
+
+def test_latent_engine_needs_bind():
+    net = Net(2)
+    z = net.features()
+    lg = LatentGradients("loop")
+    with pytest.raises(RuntimeError, match=r"bind\(features\)"):
+        lg.compute(net.losses(z))
+    with pytest.raises(ValueError, match="features"):
+        lg.bind(z.detach())
 
 
 def test_cache_reuses_engine_between_calls():

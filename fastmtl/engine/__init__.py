@@ -4,14 +4,15 @@
   of shared parameters ("loop": T in-place backward passes; "vmap": one batched pass).
 - ``LatentGradients``: ∇_z L_i for a shared representation z (MGDA-UB), pulled back with one
   backward pass.
-- ``GradientEngine``: the interface both implement (``compute``, ``gram``, ``direction``).
+- ``GradientEngine``: the interface both implement (``compute``, ``gram``, ``apply``,
+  ``direction``); ``pipeline.run`` runs compute -> gram -> weights -> apply for every entry point.
 """
 
-from fastmtl.engine import cache
+from fastmtl.engine import cache, pipeline
 from fastmtl.engine.base import ENGINES, GradientEngine, auto_mode
 from fastmtl.engine.latent import LatentGradients
 from fastmtl.engine.task_gradients import TaskGradients
 from fastmtl.engine.vmap import VmapUnsupportedError
 
 __all__ = ["ENGINES", "GradientEngine", "LatentGradients", "TaskGradients",
-           "VmapUnsupportedError", "auto_mode", "cache"]
+           "VmapUnsupportedError", "auto_mode", "cache", "pipeline"]

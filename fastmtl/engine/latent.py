@@ -1,18 +1,20 @@
 """Latent mode (MGDA-UB, Sener & Koltun 2018, §3.3): per-task gradients w.r.t. a shared
 representation z instead of the shared parameters.
 
-    compute(losses, z)  G_z[i] = vec(∇_z L_i)        (T, z.numel()); T VJPs that stop at z
+    bind(z)             the features of this step (the engine forgets them after ``apply``)
+    compute(losses)     G_z[i] = vec(∇_z L_i)        (T, z.numel()); T VJPs that stop at z
                                                      ("loop"), or one batched VJP ("vmap")
     gram()              K_z = G_z G_zᵀ
     direction(w)        d_z = G_zᵀ w                  (shaped like z)
-    backward(w)         one backward pass of Σ_i L_i during which a hook on z replaces the
-                        gradient flowing into z by d_z:
+    apply(w)            one backward pass of Σ_i L_i during which a hook on z replaces the
+                        gradient flowing into z by d_z (returned if asked):
                           heads (between z and the losses)  .grad += Σ_i ∇ L_i
                           parameters behind z               .grad += J_zᵀ d_z   (one VJP)
 
 A parameter that the losses use other than through z (a skip connection around z, a shared
 tensor used by a head) also receives its plain gradient Σ_i ∇ L_i along those other paths.
-The graph is retained between ``compute`` and ``backward`` and freed by ``backward``.
+The graph is retained between ``compute`` and ``apply`` and freed by ``apply`` (or
+``discard``).
 ``reached`` (T,) says which losses depend on z; the rows of the others are zero. The (T, n)
 buffer is reused while T, z.numel(), z's dtype and device stay the same.
 """
@@ -20,30 +22,18 @@ buffer is reused while T, z.numel(), z's dtype and device stay the same.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from fastmtl import ops
-from fastmtl.engine.base import GradientEngine, auto_mode, check_engine_name, check_losses_list
+from fastmtl._checks import check_engine_name, check_features
+from fastmtl.engine.base import GradientEngine, auto_mode
 from fastmtl.engine.graph import task_masks
 from fastmtl.engine.vmap import VmapUnsupportedError
 from fastmtl.ops._common import acc_dtype
 
-__all__ = ["LatentGradients", "check_features"]
-
-
-def check_features(features: object) -> Tensor:
-    if not isinstance(features, Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    if not features.requires_grad:
-        raise ValueError("features does not require grad: pass the shared representation z "
-                         "as computed by the encoder (not detached)")
-    if not features.is_floating_point() or features.numel() == 0:
-        raise ValueError(f"features must be a non-empty floating tensor, got {features.dtype} "
-                         f"of shape {tuple(features.shape)}")
-    return features
+__all__ = ["LatentGradients"]
 
 
 class LatentGradients(GradientEngine):
@@ -55,20 +45,31 @@ class LatentGradients(GradientEngine):
         self.num_tasks: int | None = None
         self.mode: str | None = None
         self._reached: Tensor | None = None
-        self._pending: tuple[list[Tensor], Tensor] | None = None   # (losses, z) until backward
+        self._features: Tensor | None = None                      # z, from bind to apply
+        self._pending: tuple[list[Tensor], Tensor] | None = None   # (losses, z) until apply
         self._vmap_ok: bool | None = None
+
+    def bind(self, features: Tensor) -> LatentGradients:
+        """Take ``features`` (the shared representation z of this step) for the next
+        ``compute``; returns ``self``."""
+        return self._bind(check_features(features))
+
+    def _bind(self, features: Tensor) -> LatentGradients:
+        """``bind`` on features already checked (by an entry point)."""
+        self._features = features
+        return self
 
     def _allocate(self, T: int, z: Tensor) -> None:
         b = self.buffer
         if b is None or b.shape != (T, z.numel()) or b.dtype != z.dtype or b.device != z.device:
             self.buffer = torch.zeros(T, z.numel(), dtype=z.dtype, device=z.device)
 
-    def compute(self, losses: Sequence[Tensor], features: Tensor | None = None) -> LatentGradients:
-        """G_z[i] = ∇_z L_i for ``features`` z; keeps the graph for ``backward``."""
-        if features is None:
-            raise TypeError("LatentGradients.compute needs features=z")
-        losses = check_losses_list(losses)
-        z = check_features(features)
+    def _compute(self, losses: list[Tensor]) -> LatentGradients:
+        """G_z[i] = ∇_z L_i for the bound features z; keeps the graph for ``apply``."""
+        z = self._features
+        if z is None:
+            raise RuntimeError("LatentGradients: bind(features) before compute(losses): the "
+                               "features z are those of the step")
         T = len(losses)
         self._allocate(T, z)
         mode = self.engine if self.engine != "auto" else (
@@ -134,9 +135,7 @@ class LatentGradients(GradientEngine):
 
     def direction(self, w: Tensor) -> Tensor:
         """d_z = G_zᵀ w, shaped like z, in z's dtype."""
-        T = self._require_computed()
-        if not isinstance(w, Tensor) or w.dim() != 1 or w.shape[0] != T:
-            raise ValueError(f"w must be a tensor of shape ({T},)")
+        w = self._check_weights(w)
         z = self._pending[1] if self._pending is not None else None
         w = w.detach().to(device=self.buffer.device, dtype=acc_dtype(self.buffer.dtype))
         with torch.no_grad():
@@ -144,19 +143,21 @@ class LatentGradients(GradientEngine):
         return d if z is None else d.view(z.shape)
 
     def discard(self) -> None:
-        """Drop the references to the losses and z kept since ``compute`` (frees the graph)."""
-        self._pending = None
+        """Drop the references to the losses and z kept since ``bind`` (frees the graph)."""
+        self._pending = self._features = None
 
-    def backward(self, w: Tensor) -> None:
-        """Pull d_z = G_zᵀ w back: one backward of Σ_i L_i with z's gradient replaced by d_z."""
+    def apply(self, w: Tensor, *, return_direction: bool = False) -> Tensor | None:
+        """Pull d_z = G_zᵀ w back: one backward of Σ_i L_i with z's gradient replaced by d_z;
+        returns d_z if ``return_direction``."""
         if self._pending is None:
-            raise RuntimeError("LatentGradients.backward: call compute(losses, features) first "
-                               "(each compute allows one backward)")
+            raise RuntimeError("LatentGradients.apply: call bind(features).compute(losses) "
+                               "first (each compute allows one apply)")
         d_z = self.direction(w)
         losses, z = self._pending
-        self._pending = None
+        self.discard()
         handle = z.register_hook(lambda _grad: d_z)
         try:
             torch.autograd.backward(losses)
         finally:
             handle.remove()
+        return d_z if return_direction else None

@@ -5,8 +5,8 @@ For shared parameters θ_sh split into (device, dtype) groups g with buffers G_g
     compute(losses)   G_g[i] = vec(∇_{θ_g} L_i)            ("loop" or "vmap", see those modules)
     gram()            K = Σ_g G_g G_gᵀ                      (each by ``ops.gram``, summed in fp32,
                                                             or fp64 when a group is fp64)
-    direction(w)      d_g = G_gᵀ w                          (``ops.combine`` per group)
-    write_direction(w)  p.grad += d_p for every shared p a task reached
+    apply(w)          p.grad += d_p, d_g = G_gᵀ w, for every shared p a task reached
+    direction(w)      d_g = G_gᵀ w alone                    (``ops.combine`` per group)
 
 Every non-shared leaf of the losses' graph (the heads) receives Σ_i ∇ L_i in its ``.grad`` during
 ``compute``, as ``sum(losses).backward()`` would. ``reached`` (T, P) tells a (task, parameter)
@@ -29,13 +29,8 @@ import torch
 from torch import Tensor
 
 from fastmtl import ops
-from fastmtl.engine.base import (
-    GradientEngine,
-    auto_mode,
-    check_engine_name,
-    check_losses_list,
-    check_shared_params,
-)
+from fastmtl._checks import check_engine_name, check_shared_params
+from fastmtl.engine.base import GradientEngine, auto_mode
 from fastmtl.engine.buffer import ParamGroup, group_params
 from fastmtl.engine.loop import loop_compute
 from fastmtl.engine.vmap import VmapUnsupportedError, vmap_compute
@@ -84,9 +79,8 @@ class TaskGradients(GradientEngine):
             return "loop"
         return auto_mode(device, T)
 
-    def compute(self, losses: Sequence[Tensor]) -> TaskGradients:
+    def _compute(self, losses: list[Tensor]) -> TaskGradients:
         """Per-task gradients of ``losses`` into the buffers; heads get Σ_i ∇ L_i."""
-        losses = check_losses_list(losses)
         params = self.params
         T = len(losses)
         for g in self.groups:
@@ -147,22 +141,20 @@ class TaskGradients(GradientEngine):
             K = K + part.to(device=device, dtype=dtype)
         return K
 
-    def _weights_for(self, w: Tensor, g: ParamGroup) -> Tensor:
-        if not isinstance(w, Tensor):
-            raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
-        if w.dim() != 1 or w.shape[0] != self.num_tasks:
-            raise ValueError(f"w must have shape ({self.num_tasks},), got {tuple(w.shape)}")
+    @staticmethod
+    def _weights_for(w: Tensor, g: ParamGroup) -> Tensor:
         return w.detach().to(device=g.device, dtype=acc_dtype(g.dtype))
 
     def direction(self, w: Tensor) -> list[Tensor]:
         """d_g = G_gᵀ w per group: flat (N_g,) tensors in the group's dtype (newly allocated)."""
-        self._require_computed()
+        w = self._check_weights(w)
         with torch.no_grad():
             return [ops.combine(self._weights_for(w, g), g.buffer) if g.numel > 0
                     else g.buffer.new_zeros(0) for g in self.groups]
 
-    def write_direction(self, w: Tensor) -> None:
-        """``p.grad += d_p`` (d = Gᵀw) for each shared p that some task reached.
+    def apply(self, w: Tensor, *, return_direction: bool = False) -> list[Tensor] | None:
+        """``p.grad += d_p`` (d = Gᵀw) for each shared p that some task reached; returns
+        ``direction(w)`` (computed apart, newly allocated) if ``return_direction``.
 
         A parameter no task reached keeps its ``.grad`` (None stays None, as with backward()).
         A ``.grad`` that is None becomes a slice of the group's persistent direction buffer and
@@ -170,7 +162,7 @@ class TaskGradients(GradientEngine):
         ``combine(accumulate=True)`` adds into them; any other ``.grad`` gets ``add_``. The
         slices are reused by later steps: clone a ``.grad`` you keep past ``zero_grad()``.
         """
-        self._require_computed()
+        w = self._check_weights(w)
         params = self.params
         active = self._reached.any(0).tolist()
         with torch.no_grad():
@@ -204,6 +196,7 @@ class TaskGradients(GradientEngine):
                         params[k].grad = g.flat_views[j]
                     else:
                         grads[j].add_(part)
+        return self.direction(w) if return_direction else None
 
     def __repr__(self) -> str:
         return (f"TaskGradients(params={len(self._refs)}, groups={self.groups}, "

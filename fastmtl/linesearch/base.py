@@ -20,9 +20,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastmtl._checks import check_finite_losses, check_number, checking_values
+from fastmtl._checks import (
+    check_aggregator,
+    check_finite_losses,
+    check_losses_list,
+    check_number,
+    checking_values,
+)
 from fastmtl.aggregators import MGDA
-from fastmtl.engine import LatentGradients, TaskGradients
+from fastmtl.engine import LatentGradients, TaskGradients, pipeline
 
 __all__ = ["LineSearchBase"]
 
@@ -64,11 +70,8 @@ class LineSearchBase:
                  check: bool | None = None) -> None:
         self.heads, self.loss_fns = _check_modules(encoder, heads, loss_fns)
         self.encoder = encoder
-        direction = MGDA() if direction is None else direction
-        if not callable(getattr(direction, "weights", None)):
-            raise TypeError("direction must be a fastmtl aggregator (with weights(K, losses)), "
-                            f"got {type(direction).__name__}")
-        self.direction = direction
+        self.direction = check_aggregator(MGDA() if direction is None else direction,
+                                          "direction")
         self.lr = check_number("lr", lr, low=0, low_open=True)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, "
@@ -113,7 +116,7 @@ class LineSearchBase:
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError(f"loss_fns[{i}] must return a scalar tensor, got "
                                  f"{getattr(loss, 'shape', type(loss).__name__)}")
-        return z, [loss.reshape(()) for loss in losses]
+        return z, check_losses_list(losses)
 
     def _check_finite(self, L: Tensor) -> None:
         if checking_values(self.check, L):
@@ -143,16 +146,9 @@ class LineSearchBase:
         z, losses = self._forward(x, targets)
         L = torch.stack([loss.detach() for loss in losses])
         self._check_finite(L)
-        eng = self._latent
-        try:
-            eng.compute(losses, z)
-            K = eng.gram()
-            w = self.direction.weights(K, L.to(K.dtype))
-            d = eng.direction(w)
-            eng.backward(w)
-        finally:
-            eng.discard()
-        return z.detach(), L, K, w.to(K.dtype), d
+        out = pipeline.run(self._latent.bind(z), losses, self.direction.weights,
+                           return_direction=True)
+        return z.detach(), L, out.K, out.w.to(out.K.dtype), out.direction
 
     def _param_pass(self, x: object, targets: Sequence) -> tuple[Tensor, Tensor, Tensor]:
         """Forward, per-task gradients of the encoder's parameters, w, and .grad filled
@@ -164,12 +160,8 @@ class LineSearchBase:
         if self._param_engine is None:
             shared = [p for p in self.encoder.parameters() if p.requires_grad]
             self._param_engine = TaskGradients(shared, self.engine)
-        eng = self._param_engine
-        eng.compute(losses)
-        K = eng.gram()
-        w = self.direction.weights(K, L.to(K.dtype))
-        eng.write_direction(w)
-        return L, K, w.to(K.dtype)
+        out = pipeline.run(self._param_engine, losses, self.direction.weights)
+        return L, out.K, out.w.to(out.K.dtype)
 
     # -- update ---------------------------------------------------------------------------
     def _apply(self, t: Tensor) -> None:

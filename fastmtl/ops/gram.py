@@ -19,10 +19,27 @@ from fastmtl.ops._common import acc_dtype, check_matrix, kernel, select
 __all__ = ["gram", "gram_reference"]
 
 
+# Columns per partial Gram of the reference: K = Σ_c G_c G_cᵀ over chunks of N, one batched
+# matmul. BLAS on the whole (T, N) product streams N through a T-wide panel: at T = 10,
+# N = 0.8M it took 9.7 ms on 2 CPU cores against 3.0 ms chunked (and its error grows with N).
+_CHUNK = 16384
+
+
 def gram_reference(G: Tensor) -> Tensor:
-    """K = G Gᵀ in the accumulation dtype (the spec and the CPU path), exactly symmetric."""
+    """K = G Gᵀ in the accumulation dtype (the spec and the CPU path), exactly symmetric:
+    partial Grams of ``_CHUNK``-column chunks of N (one batched matmul), summed in order,
+    then the remaining columns."""
     A = G.to(acc_dtype(G.dtype))
-    K = A @ A.mT  # BLAS need not give K_ij and K_ji bit for bit: mirror the upper triangle
+    T, N = A.shape
+    C = N // _CHUNK
+    K = A.new_zeros(T, T)
+    if C > 1:
+        X = A[:, :C * _CHUNK].unflatten(1, (C, _CHUNK)).transpose(0, 1)  # (C, T, chunk)
+        K = torch.bmm(X, X.mT).sum(0)
+        A = A[:, C * _CHUNK:]
+    if A.shape[1] > 0:
+        K = K + A @ A.mT
+    # BLAS need not give K_ij and K_ji bit for bit: mirror the upper triangle
     return K.triu() + K.triu(1).mT
 
 

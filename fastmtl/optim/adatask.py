@@ -64,12 +64,13 @@ from torch.optim import Optimizer
 
 from fastmtl._checks import (
     check_bool,
+    check_engine_name,
     check_finite_losses,
     check_int,
+    check_losses_list,
     check_number,
     check_task_grads,
 )
-from fastmtl.engine.base import check_engine_name, check_losses_list
 from fastmtl.engine.task_gradients import TaskGradients
 from fastmtl.ops import adatask as adatask_ops
 
@@ -157,7 +158,7 @@ class _AdaTask(Optimizer):
             self._engine = TaskGradients(shared, self.engine_name)
         if self._task_grads:  # pending views of the buffer the engine is about to overwrite
             self._task_grads = {k: g.clone() for k, g in self._task_grads.items()}
-        self._engine.compute(losses)
+        self._engine._compute(losses)  # checked above
         reached = [tuple(col) for col in self._engine.reached.t().tolist()]  # host, no sync
         for k, (p, g) in enumerate(zip(shared, self._engine.grads())):
             old = self._task_grads.get(id(p))

@@ -29,8 +29,8 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fastmtl._checks import check_aggregator, check_engine_name, check_shared_params
 from fastmtl.backward import mtl_backward
-from fastmtl.engine.base import check_engine_name, check_shared_params
 
 __all__ = ["MTLOptimizer", "OptimizerWrapper"]
 
@@ -130,7 +130,7 @@ class MTLOptimizer(OptimizerWrapper):
     Args:
         base_optimizer: any ``torch.optim.Optimizer`` over the model's parameters (shared
             params and heads).
-        aggregator: a ``fastmtl.aggregators.Aggregator`` (anything with ``weights(K, losses)``).
+        aggregator: a ``fastmtl.aggregators.Aggregator`` (a method of your own: subclass it).
         shared_params: the parameters whose per-task gradients are aggregated; each must be in
             the base optimizer's ``param_groups`` (``ValueError`` otherwise).
         engine: "auto" | "loop" | "vmap", passed to ``fm.mtl_backward``.
@@ -142,10 +142,7 @@ class MTLOptimizer(OptimizerWrapper):
     def __init__(self, base_optimizer: Optimizer, aggregator: Any,
                  shared_params: Iterable[Tensor], engine: str = "auto") -> None:
         super().__init__(base_optimizer)
-        if not callable(getattr(aggregator, "weights", None)):
-            raise TypeError("aggregator must have a weights(K, losses) method (a "
-                            f"fastmtl.aggregators.Aggregator), got {type(aggregator).__name__}")
-        self.aggregator = aggregator
+        self.aggregator = check_aggregator(aggregator)
         self.engine = check_engine_name(engine)
         params = check_shared_params(shared_params)
         owned = {id(p) for p in self.params()}

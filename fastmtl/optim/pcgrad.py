@@ -55,8 +55,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastmtl._checks import check_choice, check_seed
-from fastmtl.engine.base import check_engine_name, check_losses_list
+from fastmtl._checks import check_choice, check_engine_name, check_losses_list, check_seed
+from fastmtl.engine import pipeline
 from fastmtl.engine.task_gradients import TaskGradients
 from fastmtl.optim.mtl_optimizer import OptimizerWrapper
 from fastmtl.solvers.surgery import surgery_coefficients
@@ -133,17 +133,18 @@ class PCGrad(OptimizerWrapper):
         eng = self._engine_for(params)
         for p in params:                     # the port zeroes (set_to_none) before each task
             p.grad = None
-        eng.compute(losses)
         T = len(losses)
-        K = eng.gram()
-        orders = self._orders(T, K.device)
-        C, _ = surgery_coefficients(K, orders)
-        s = C.sum(0)
-        self.last_orders = orders
-        self.calls += 1
         mean = self._reduction == "mean"
-        w = s / T if mean else s
-        eng.write_direction(w)
+
+        def weigh(K: Tensor, _losses: Tensor) -> Tensor:
+            orders = self._orders(T, K.device)
+            C, _ = surgery_coefficients(K, orders)
+            s = C.sum(0)
+            self.last_orders = orders
+            self.calls += 1
+            return s / T if mean else s
+
+        w = pipeline.run(eng, losses, weigh).w
         reached = eng.reached
         shared = reached.all(0).tolist()
         active = reached.any(0).tolist()

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastmtl.engine import pipeline
 from fastmtl.engine.task_gradients import TaskGradients
 from fastmtl.weighting.base import check_num_tasks, check_positive, stack_losses
 
@@ -133,10 +134,7 @@ class GradNorm:
         items = list(losses.reshape(-1).unbind(0)) if isinstance(losses, Tensor) else losses
         w_now = self._weights_on(stacked).detach().clone()
         weighted = [loss.reshape(()) * w_now[i].to(loss.dtype) for i, loss in enumerate(items)]
-        eng = self.engine
-        eng.compute(weighted)
-        K = eng.gram()
-        eng.write_direction(torch.ones(self.num_tasks, dtype=K.dtype, device=K.device))
+        K = pipeline.run(self.engine, weighted, lambda K, _: torch.ones_like(K[0])).K  # d = Σ_i g_i
         G = K.diagonal().clamp_min(0).sqrt().to(device=w_now.device, dtype=w_now.dtype)
         scale = w_now.abs()
         norms = torch.where(scale > 0, G / torch.where(scale > 0, scale, 1), 0)
