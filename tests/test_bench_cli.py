@@ -24,6 +24,9 @@ def test_smoke_run_writes_every_case(tmp_path, capsys):
     for method in cli.STEP_METHODS:
         assert ("step", f"fastmtl {method}") in impls
         assert ("step", f"torchjd {method}") in impls
+        assert ("step", f"fastmtl {method} latent") in impls
+    for impl in ("forward + T backward passes", "sum(losses).backward()"):
+        assert ("step", impl) in impls
     for impl in linesearch.IMPLS:
         assert ("linesearch step", impl) in impls
     assert all(r["ms"] > 0 for r in rows)

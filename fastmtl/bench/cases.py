@@ -12,16 +12,19 @@ import numpy as np
 import torch
 
 import fastmtl as fm
-from fastmtl.bench.timing import median_ms
+from fastmtl.bench.timing import interleaved_ms, median_ms
 
 Row = dict[str, object]
 
 
 def _time_impls(op: str, case: str, device: str, impls: dict[str, Callable[[], object]],
-                nbytes: int | None) -> list[Row]:
+                nbytes: int | None, *, rounds: int | None = None) -> list[Row]:
+    """One row per implementation: each timed alone (``median_ms``), or, with ``rounds``, all
+    in turn (``interleaved_ms``: for whole steps, compared as ratios)."""
+    times = (interleaved_ms(impls, device, rounds=rounds) if rounds is not None
+             else {impl: median_ms(fn, device) for impl, fn in impls.items()})
     rows = []
-    for impl, fn in impls.items():
-        ms = median_ms(fn, device)
+    for impl, ms in times.items():
         row: Row = {"op": op, "case": case, "impl": impl, "ms": ms}
         if nbytes is not None:
             row["GB/s"] = nbytes / (ms * 1e-3) / 1e9

@@ -1,10 +1,13 @@
 """End-to-end step benchmark: one aggregation step of a shared-MLP, T-head model.
 
-Compared in one run, for a method (MGDA, UPGrad, PCGrad, ...): ``fm.mtl_backward``, torchjd's
-``mtl_backward`` + ``jac_to_grad`` with its aggregator of the same name (when installed), a
-LibMTL-style loop (per-task ``autograd.grad`` + ``torch.cat``, the weights — for MGDA by
-host-side Frank–Wolfe as in Sener & Koltun's code, else fastmtl's — and a per-parameter copy
-back) and the unitary-scalarization floor ``sum(losses).backward()``.
+Compared in one run, for a method (MGDA, UPGrad, PCGrad, ...): ``fm.mtl_backward`` (parameter
+space, and latent mode with ``features=z``), torchjd's ``mtl_backward`` + ``jac_to_grad`` with
+its aggregator of the same name (when installed), a LibMTL-style loop (per-task
+``autograd.grad`` + ``torch.cat``, the weights — for MGDA by host-side Frank–Wolfe as in Sener &
+Koltun's code, else fastmtl's — and a per-parameter copy back), and two floors: the forward plus
+T plain ``backward(retain_graph=True)`` passes (the least an exact per-task method pays on a
+CPU; the floor of the parameter-space row) and unitary scalarization ``sum(losses).backward()``
+(the floor of the latent row).
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ def _losses(encoder, heads, x, y):
     return z, [nn.functional.mse_loss(h(z), y[:, i : i + 1]) for i, h in enumerate(heads)]
 
 
-def step_cases(device: str, method: str = "MGDA", T: int = 10, width: int = 256,
-               depth: int = 3, batch: int = 128) -> list[Row]:
+def step_cases(device: str, method: str = "MGDA", T: int = 10, width: int = 512,
+               depth: int = 4, batch: int = 256, rounds: int = 9) -> list[Row]:
+    """Rows of one case (and its latent case), timed in ``rounds`` interleaved rounds."""
     torch.manual_seed(0)
     encoder, heads = _model(device, T, width, depth)
     shared = list(encoder.parameters())
@@ -46,6 +50,13 @@ def step_cases(device: str, method: str = "MGDA", T: int = 10, width: int = 256,
         torch.stack(losses).sum().backward()
 
     impls["sum(losses).backward()"] = sum_step
+
+    def per_task_floor():
+        _, losses = _losses(encoder, heads, x, y)
+        for i, loss in enumerate(losses):
+            loss.backward(retain_graph=i < T - 1)
+
+    impls["forward + T backward passes"] = per_task_floor
     agg = getattr(fm.aggregators, method)()
 
     def fastmtl_step():
@@ -53,6 +64,12 @@ def step_cases(device: str, method: str = "MGDA", T: int = 10, width: int = 256,
         fm.mtl_backward(losses, shared, aggregator=agg)
 
     impls[f"fastmtl {method}"] = fastmtl_step
+
+    def fastmtl_latent_step():
+        z, losses = _losses(encoder, heads, x, y)
+        fm.mtl_backward(losses, shared, aggregator=agg, features=z)
+
+    latent = {f"fastmtl {method} latent": fastmtl_latent_step, "sum(losses).backward()": sum_step}
     try:
         import torchjd.aggregation
         from torchjd.autojac import jac_to_grad, mtl_backward
@@ -101,4 +118,7 @@ def step_cases(device: str, method: str = "MGDA", T: int = 10, width: int = 256,
         return run
 
     case = f"{method} T={T} MLP {depth}x{width} batch {batch}"
-    return _time_impls("step", case, device, {k: zero_then(f) for k, f in impls.items()}, None)
+    return (_time_impls("step", case, device, {k: zero_then(f) for k, f in impls.items()}, None,
+                        rounds=rounds)
+            + _time_impls("step", f"{case} latent (features=z)", device,
+                          {k: zero_then(f) for k, f in latent.items()}, None, rounds=rounds))

@@ -36,6 +36,27 @@ def median_ms(fn: Callable[[], object], device: torch.device | str, *, min_time_
     return statistics.median(times)
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device | str, *,
+                   rounds: int = 9) -> dict[str, float]:
+    """Median wall time (ms) of each ``fns[k]()`` over ``rounds`` rounds that run every
+    function once in turn (after one warm-up round): a slow spell of the machine then touches
+    every implementation alike, which matters when they are compared as ratios."""
+    cuda = torch.device(device).type == "cuda"
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _cuda_events_ms(fn: Callable[[], object], reps: int = 50) -> float:
     for _ in range(5):
         fn()
