@@ -173,6 +173,10 @@ def check_finite_losses(losses: Sequence[Tensor] | Tensor) -> None:
 def check_engine_name(engine: object) -> str:
     if not isinstance(engine, str):
         raise TypeError(f"engine must be one of {ENGINES}, got {type(engine).__name__}")
+    if engine == "stream":
+        raise ValueError("engine='stream' records the model's module calls with forward hooks: "
+                         "create fm.engine.StreamGradients(model, shared_params) once, before "
+                         "the forward, and pass that object as engine=")
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
     return engine

@@ -30,14 +30,16 @@ from fastmtl._checks import (
     check_shared_params,
 )
 from fastmtl.engine import cache, pipeline
+from fastmtl.engine.base import GradientEngine
 from fastmtl.engine.latent import LatentGradients
+from fastmtl.engine.stream import StreamGradients
 from fastmtl.engine.task_gradients import TaskGradients
 
 __all__ = ["mtl_backward"]
 
 
-def _resolve_engine(engine: str | TaskGradients | LatentGradients, params: list[Tensor],
-                    latent: bool) -> TaskGradients | LatentGradients:
+def _resolve_engine(engine: str | GradientEngine, params: list[Tensor],
+                    latent: bool) -> GradientEngine:
     """The engine object for a checked ``engine`` argument (a name: from the cache)."""
     if isinstance(engine, TaskGradients):
         if latent:
@@ -51,6 +53,14 @@ def _resolve_engine(engine: str | TaskGradients | LatentGradients, params: list[
         if not latent:
             raise TypeError("a LatentGradients engine needs features=z")
         return engine
+    if isinstance(engine, StreamGradients):
+        if latent:
+            raise TypeError("features= (latent mode) needs a LatentGradients engine, "
+                            "got a StreamGradients")
+        if not engine.matches(params):
+            raise ValueError("the StreamGradients passed as engine was built for other "
+                             "shared parameters")
+        return engine
     if latent:
         return cache.cached("latent", engine, params, lambda: LatentGradients(engine))
     return cache.cached("params", engine, params, lambda: TaskGradients(params, engine))
@@ -61,7 +71,7 @@ def mtl_backward(
     shared_params: Iterable[Tensor],
     aggregator,
     features: Tensor | None = None,
-    engine: str | TaskGradients | LatentGradients = "auto",
+    engine: str | GradientEngine = "auto",
     *,
     check_finite: bool = False,
 ) -> Tensor:
@@ -75,7 +85,9 @@ def mtl_backward(
         features: the shared representation z: latent (MGDA-UB) mode, K from ∇_z L_i.
         engine: "loop" | "vmap" | "auto" ("loop" when the losses are on the CPU or T <= 2,
             else "vmap", falling back to "loop" for good if vmap fails), or an engine
-            object of your own (``TaskGradients(shared_params)``, or ``LatentGradients()`` with
+            object of your own (``TaskGradients(shared_params)``; ``StreamGradients(model,
+            shared_params)``, created before the forward, for K without the (T, N) matrix;
+            or ``LatentGradients()`` with
             ``features``). By name, the engine comes from a small module-level cache keyed on
             the shared parameters (held weakly), so its buffers are reused across steps.
         check_finite: raise ``ValueError`` on a non-finite loss (reads the losses on the host:

@@ -12,8 +12,8 @@ it for every entry point):
 
 Parameter-space engines (``TaskGradients``: "loop", "vmap") hold G as a (T, N) buffer per
 (device, dtype) group; the latent engine (``LatentGradients``, bound to the features z of the
-step by ``bind``) holds ∇_z L_i. A streamed engine, which never holds G, implements the same
-methods (``gram`` during ``compute``, ``apply`` by a second pass).
+step by ``bind``) holds ∇_z L_i; the streamed engine (``StreamGradients``) never holds G: K is
+folded module by module during ``compute`` and ``apply`` takes one VJP per module call.
 """
 
 from __future__ import annotations
