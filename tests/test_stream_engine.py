@@ -60,6 +60,21 @@ class CNN(nn.Module):
         return outs
 
 
+class Seq(nn.Module):
+    """Linear layers on (B, S, features) inputs and a LayerNorm (the generic VJP path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.norm = nn.LayerNorm(8)
+        self.mix = nn.Linear(8, 8, bias=False)
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(T))
+
+    def forward(self, x):
+        z = self.mix(self.norm(torch.tanh(self.inp(x)))).mean(1)
+        return [h(z).squeeze(1) for h in self.heads]
+
+
 def _shared(model):
     return [p for n, p in model.named_parameters() if not n.startswith("heads")]
 
@@ -85,20 +100,24 @@ def _stream(model, shared):
     return StreamGradients(model, shared)
 
 
-def _data(cnn: bool):
+MODELS = {"mlp": MLP, "cnn": CNN, "seq": Seq}
+
+
+def _data(kind: str):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 3, 5, 5, generator=gen) if cnn else torch.randn(8, 5, generator=gen)
+    shape = {"mlp": (8, 5), "cnn": (8, 3, 5, 5), "seq": (8, 4, 5)}[kind]
+    x = torch.randn(*shape, generator=gen)
     y = torch.randn(8, T, generator=gen)
     return x.double(), y.double()
 
 
-@pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("aggregator", [Fixed([0.5, -1.0, 2.0]), MGDA(), UPGrad()],
                          ids=["fixed", "mgda", "upgrad"])
-def test_stream_equals_loop(cnn, aggregator):
+def test_stream_equals_loop(kind, aggregator):
     torch.manual_seed(0)
-    model = (CNN() if cnn else MLP()).double()
-    x, y = _data(cnn)
+    model = MODELS[kind]().double()
+    x, y = _data(kind)
     w_loop, g_loop, b_loop, tg = _step(model, x, y, aggregator, _loop)
     w_str, g_str, b_str, sg = _step(model, x, y, aggregator, _stream)
     torch.testing.assert_close(w_str, w_loop, rtol=1e-10, atol=1e-12)
@@ -111,7 +130,7 @@ def test_stream_equals_loop(cnn, aggregator):
             torch.testing.assert_close(g_str[name], g, rtol=1e-10, atol=1e-12, msg=name)
     for name, b in b_loop.items():                # BatchNorm statistics: one forward's update
         assert torch.equal(b_str[name], b), name
-    if cnn:
+    if kind == "cnn":
         assert g_loop["unused.weight"] is None and not sg.reached[:, -1].any()
 
 
@@ -122,7 +141,7 @@ def test_stream_holds_no_task_by_parameter_matrix():
     model = MLP().double()
     shared = _shared(model)
     sg = StreamGradients(model, shared)
-    x, y = _data(False)
+    x, y = _data("mlp")
     losses = [((o - y[:, i]) ** 2).mean() for i, o in enumerate(model(x))]
     sg.compute(losses)
     kept = sum(c.deltas.numel() for c in sg._pending) + sum(G.numel() for G in sg._orphan_grads)
@@ -157,3 +176,40 @@ def test_stream_needs_the_forward_recorded():
     with pytest.raises(RuntimeError, match="before the forward"):
         fm.mtl_backward(losses, _shared(model), MGDA(), engine=sg)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_other_forwards_are_skipped_and_clear_forgets_them():
+    """A forward whose losses are not aggregated (here a whole extra one) is recorded too; its
+    calls feed no loss of the step and change nothing; ``clear`` drops them."""
+    torch.manual_seed(0)
+    model = CNN().double()
+    x, y = _data("cnn")
+    w_loop, g_loop, _, _ = _step(model, x, y, Fixed([1.0, 2.0, 3.0]), _loop)
+
+    def with_extra_forward(model, shared):
+        sg = StreamGradients(model, shared)
+        model(x)                       # recorded, never aggregated
+        assert len(sg._calls) == 5     # conv, bn, tied twice, only0
+        return sg
+
+    w_str, g_str, _, sg = _step(model, x, y, Fixed([1.0, 2.0, 3.0]), with_extra_forward)
+    assert len(sg._pending) == 0       # apply consumed the live calls; the stale ones were cut
+    for name, g in g_loop.items():
+        if g is not None:
+            torch.testing.assert_close(g_str[name], g, rtol=1e-10, atol=1e-12, msg=name)
+    sg.modules[0](x)                   # the conv of the engine's own (copied) model
+    assert len(sg._calls) == 1
+    sg.clear()
+    assert sg._calls == []
+
+
+def test_compute_keeps_only_the_calls_the_losses_use():
+    model = CNN().double()
+    x, y = _data("cnn")
+    sg = StreamGradients(model, _shared(model))
+    model(x)                                          # stale: 5 calls
+    losses = [((o - y[:, i]) ** 2).mean() for i, o in enumerate(model(x))]
+    assert len(sg._calls) == 10
+    sg.compute(losses)
+    assert len(sg._pending) == 5 and sg._calls == []
+    sg.discard()

@@ -26,7 +26,10 @@ normalises with the same batch statistics and its running statistics are updated
 by the real forward. Leaf modules with parameters must be deterministic (Linear, Conv, norms,
 embeddings are). A module whose backward has no vmap batching rule falls back to a loop of T
 VJPs. The engine needs the hooks in place before the forward: create it once, before
-training, and pass it as ``engine=`` (``close()`` removes the hooks).
+training, and pass it as ``engine=`` (``close()`` removes the hooks). Every forward with grad
+enabled is recorded until the next ``compute``; calls no loss of the step depends on (another
+forward's) are skipped there, and ``clear()`` drops them earlier (they keep their activations
+alive until then).
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ class _Call:
         self.module, self.args, self.kwargs, self.out = module, args, kwargs, out
         self.deltas: Tensor | None = None     # (T, *out.shape)
         self.vjp_fn = None
+        # y = x Wᵀ + b: ∇_W L_i = δ_iᵀ x and ∇_b L_i = Σ_rows δ_i in closed form (no recompute)
+        self.linear = (type(module) is nn.Linear and len(args) == 1 and not kwargs
+                       and isinstance(args[0], Tensor))
+
+    def rows(self) -> Tensor:
+        """A linear call's input as (M, in) rows, detached."""
+        x = self.args[0].detach()
+        return x.reshape(-1, x.shape[-1])
 
 
 class StreamGradients(GradientEngine):
@@ -90,6 +101,11 @@ class StreamGradients(GradientEngine):
         """True if ``params`` are this engine's shared parameters (same tensors, same order)."""
         return len(params) == len(self.params) and all(a is b for a, b in zip(params,
                                                                                self.params))
+
+    def clear(self) -> None:
+        """Forget the module calls recorded since the last ``compute`` (a forward whose losses
+        will not be aggregated keeps its activations alive until then)."""
+        self._calls = []
 
     def close(self) -> None:
         """Remove the forward hooks."""
@@ -148,10 +164,16 @@ class StreamGradients(GradientEngine):
             else torch.float32
         device = self.params[0].device
         K = torch.zeros(T, T, dtype=acc, device=device)
+        live = []
         for c, call in enumerate(calls):
+            if all(d is None for d in deltas[c]):
+                continue   # an output no loss depends on (e.g. another forward's): nothing to do
             call.deltas = torch.stack([d if d is not None else torch.zeros_like(call.out)
                                        for d in deltas[c]])
-            call.vjp_fn = self._vjp(call)
+            if not call.linear:
+                call.vjp_fn = self._vjp(call)
+            live.append(call)
+        calls = live
         for module in dict.fromkeys(c.module for c in calls):   # module by module
             blocks: dict[int, Tensor] = {}
             for call in (c for c in calls if c.module is module):
@@ -194,7 +216,15 @@ class StreamGradients(GradientEngine):
 
     @staticmethod
     def _per_task(call: _Call) -> dict[str, Tensor]:
-        """{parameter name: (T, *p.shape)} for one call: vmapped VJP, else a loop over T."""
+        """{parameter name: (T, *p.shape)} for one call: closed form for a Linear, else the
+        vmapped VJP, else a loop of T VJPs (an op without a batching rule)."""
+        if call.linear:
+            x = call.rows()
+            d = call.deltas.reshape(call.deltas.shape[0], -1, call.deltas.shape[-1])
+            out = {"weight": torch.matmul(d.mT, x.to(d.dtype))}
+            if call.module.bias is not None:
+                out["bias"] = d.sum(1)
+            return out
         try:
             (g,) = vmap(call.vjp_fn)(call.deltas)
             return g
@@ -226,7 +256,13 @@ class StreamGradients(GradientEngine):
             for call in self._pending:
                 wd = torch.tensordot(w.to(device=call.deltas.device, dtype=call.deltas.dtype),
                                      call.deltas, dims=1)
-                (grads,) = call.vjp_fn(wd)
+                if call.linear:
+                    wd = wd.reshape(-1, wd.shape[-1])
+                    grads = {"weight": wd.mT @ call.rows().to(wd.dtype)}
+                    if call.module.bias is not None:
+                        grads["bias"] = wd.sum(0)
+                else:
+                    (grads,) = call.vjp_fn(wd)
                 for name, g in grads.items():
                     k = self._index.get(id(getattr(call.module, name)))
                     if k is not None:
