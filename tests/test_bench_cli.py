@@ -25,6 +25,7 @@ def test_smoke_run_writes_every_case(tmp_path, capsys):
         assert ("step", f"fastmtl {method}") in impls
         assert ("step", f"torchjd {method}") in impls
         assert ("step", f"fastmtl {method} latent") in impls
+        assert ("step", f"fastmtl {method} stream") in impls
     for impl in ("forward + T backward passes", "sum(losses).backward()"):
         assert ("step", impl) in impls
     for impl in linesearch.IMPLS:

@@ -1,7 +1,8 @@
 """End-to-end step benchmark: one aggregation step of a shared-MLP, T-head model.
 
 Compared in one run, for a method (MGDA, UPGrad, PCGrad, ...): ``fm.mtl_backward`` (parameter
-space, and latent mode with ``features=z``), torchjd's ``mtl_backward`` + ``jac_to_grad`` with
+space with the default engine and with ``StreamGradients``, and latent mode with
+``features=z``), torchjd's ``mtl_backward`` + ``jac_to_grad`` with
 its aggregator of the same name (when installed), a LibMTL-style loop (per-task
 ``autograd.grad`` + ``torch.cat``, the weights — for MGDA by host-side Frank–Wolfe as in Sener &
 Koltun's code, else fastmtl's — and a per-parameter copy back), and two floors: the forward plus
@@ -64,6 +65,14 @@ def step_cases(device: str, method: str = "MGDA", T: int = 10, width: int = 512,
         fm.mtl_backward(losses, shared, aggregator=agg)
 
     impls[f"fastmtl {method}"] = fastmtl_step
+    stream = fm.engine.StreamGradients(encoder, shared)
+
+    def fastmtl_stream_step():
+        stream.clear()   # the other rows' forwards were recorded too
+        _, losses = _losses(encoder, heads, x, y)
+        fm.mtl_backward(losses, shared, aggregator=agg, engine=stream)
+
+    impls[f"fastmtl {method} stream"] = fastmtl_stream_step
 
     def fastmtl_latent_step():
         z, losses = _losses(encoder, heads, x, y)
@@ -118,7 +127,11 @@ def step_cases(device: str, method: str = "MGDA", T: int = 10, width: int = 512,
         return run
 
     case = f"{method} T={T} MLP {depth}x{width} batch {batch}"
-    return (_time_impls("step", case, device, {k: zero_then(f) for k, f in impls.items()}, None,
-                        rounds=rounds)
+    try:
+        rows = _time_impls("step", case, device, {k: zero_then(f) for k, f in impls.items()},
+                           None, rounds=rounds)
+    finally:
+        stream.close()
+    return (rows
             + _time_impls("step", f"{case} latent (features=z)", device,
                           {k: zero_then(f) for k, f in latent.items()}, None, rounds=rounds))
