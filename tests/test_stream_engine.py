@@ -213,3 +213,20 @@ def test_compute_keeps_only_the_calls_the_losses_use():
     sg.compute(losses)
     assert len(sg._pending) == 5 and sg._calls == []
     sg.discard()
+
+
+def test_a_dropped_engine_stops_recording():
+    import gc
+    import weakref
+
+    model = MLP()
+    sg = StreamGradients(model, _shared(model))
+    ref = weakref.ref(sg)
+    model(torch.randn(2, 5))
+    del sg
+    gc.collect()
+    assert ref() is None                       # the hooks did not keep it (or its calls) alive
+    assert all(not m._forward_hooks for m in model.modules())
+    sg2 = StreamGradients(model, _shared(model))
+    sg2.close()
+    assert all(not m._forward_hooks for m in model.modules())

@@ -34,6 +34,7 @@ alive until then).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -46,6 +47,11 @@ from fastmtl.engine.base import GradientEngine
 from fastmtl.engine.graph import task_masks
 
 __all__ = ["StreamGradients"]
+
+
+def _remove(handles: list) -> None:
+    for h in handles:
+        h.remove()
 
 
 def _is_leaf(module: nn.Module) -> bool:
@@ -88,8 +94,15 @@ class StreamGradients(GradientEngine):
         self._index = ids
         self._calls: list[_Call] = []
         self._recomputing = False
-        self._handles = [m.register_forward_hook(self._record, with_kwargs=True)
-                         for m in self.modules]
+        ref = weakref.ref(self)   # the hooks must not keep a dropped engine (and its calls) alive
+
+        def record(module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+            engine = ref()
+            if engine is not None:
+                engine._record(module, args, kwargs, out)
+
+        self._handles = [m.register_forward_hook(record, with_kwargs=True) for m in self.modules]
+        self._finalizer = weakref.finalize(self, _remove, list(self._handles))
         self.num_tasks: int | None = None
         self._K: Tensor | None = None
         self._reached: Tensor | None = None
@@ -108,9 +121,8 @@ class StreamGradients(GradientEngine):
         self._calls = []
 
     def close(self) -> None:
-        """Remove the forward hooks."""
-        for h in self._handles:
-            h.remove()
+        """Remove the forward hooks (also done when the engine is garbage-collected)."""
+        self._finalizer()
         self._handles = []
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
