@@ -41,25 +41,18 @@ __all__ = ["mtl_backward"]
 def _resolve_engine(engine: str | GradientEngine, params: list[Tensor],
                     latent: bool) -> GradientEngine:
     """The engine object for a checked ``engine`` argument (a name: from the cache)."""
-    if isinstance(engine, TaskGradients):
-        if latent:
-            raise TypeError("features= (latent mode) needs a LatentGradients engine, "
-                            "got a TaskGradients")
-        if not engine.matches(params):
-            raise ValueError("the TaskGradients passed as engine was built for other "
-                             "shared parameters")
-        return engine
     if isinstance(engine, LatentGradients):
         if not latent:
             raise TypeError("a LatentGradients engine needs features=z")
         return engine
-    if isinstance(engine, StreamGradients):
+    if isinstance(engine, TaskGradients | StreamGradients):   # parameter space
+        kind = type(engine).__name__
         if latent:
-            raise TypeError("features= (latent mode) needs a LatentGradients engine, "
-                            "got a StreamGradients")
+            raise TypeError(f"features= (latent mode) needs a LatentGradients engine, "
+                            f"got a {kind}")
         if not engine.matches(params):
-            raise ValueError("the StreamGradients passed as engine was built for other "
-                             "shared parameters")
+            raise ValueError(f"the {kind} passed as engine was built for other shared "
+                             "parameters")
         return engine
     if latent:
         return cache.cached("latent", engine, params, lambda: LatentGradients(engine))

@@ -46,6 +46,16 @@ class GradientEngine(abc.ABC):
     ``direction`` read them. ``discard`` drops what ``compute`` kept for ``apply`` (a graph)."""
 
     num_tasks: int | None = None
+    _reached: Tensor | None = None
+
+    @property
+    def reached(self) -> Tensor:
+        """Which losses sent a gradient, bool on the CPU: (T, P) for parameter-space engines
+        (``reached[i, k]``: loss i reached shared parameter k), (T,) for the latent engine (loss
+        i depends on z). Known on the host from the graph's structure: reading it never
+        synchronises."""
+        self._require_computed()
+        return self._reached
 
     def compute(self, losses: Sequence[Tensor] | Tensor) -> GradientEngine:
         """Compute the per-task gradients of ``losses`` (T scalars); returns ``self``."""

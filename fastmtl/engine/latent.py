@@ -44,9 +44,8 @@ class LatentGradients(GradientEngine):
         self.buffer: Tensor | None = None
         self.num_tasks: int | None = None
         self.mode: str | None = None
-        self._reached: Tensor | None = None
         self._features: Tensor | None = None                      # z, from bind to apply
-        self._pending: tuple[list[Tensor], Tensor] | None = None   # (losses, z) until apply
+        self._pending: list[Tensor] | None = None                 # the losses, until apply
         self._vmap_ok: bool | None = None
 
     def bind(self, features: Tensor) -> LatentGradients:
@@ -87,7 +86,7 @@ class LatentGradients(GradientEngine):
         if mode == "loop":
             reached = self._loop(losses, z)
         self._reached = torch.tensor(reached, dtype=torch.bool)
-        self.num_tasks, self.mode, self._pending = T, mode, (losses, z)
+        self.num_tasks, self.mode, self._pending = T, mode, losses
         return self
 
     def _loop(self, losses: list[Tensor], z: Tensor) -> list[bool]:
@@ -122,12 +121,6 @@ class LatentGradients(GradientEngine):
                 self.buffer.copy_(g.reshape(T, -1))
         return [bool(mask >> i & 1) for i in range(T)]
 
-    @property
-    def reached(self) -> Tensor:
-        """(T,) bool on the CPU: ``reached[i]`` iff loss i depends on z."""
-        self._require_computed()
-        return self._reached
-
     def gram(self) -> Tensor:
         """K_z = G_z G_zᵀ (T, T), float32 (float64 for float64 z)."""
         self._require_computed()
@@ -136,7 +129,7 @@ class LatentGradients(GradientEngine):
     def direction(self, w: Tensor) -> Tensor:
         """d_z = G_zᵀ w, shaped like z, in z's dtype."""
         w = self._check_weights(w)
-        z = self._pending[1] if self._pending is not None else None
+        z = self._features if self._pending is not None else None
         w = w.detach().to(device=self.buffer.device, dtype=acc_dtype(self.buffer.dtype))
         with torch.no_grad():
             d = ops.combine(w, self.buffer)
@@ -153,7 +146,7 @@ class LatentGradients(GradientEngine):
             raise RuntimeError("LatentGradients.apply: call bind(features).compute(losses) "
                                "first (each compute allows one apply)")
         d_z = self.direction(w)
-        losses, z = self._pending
+        losses, z = self._pending, self._features
         self.discard()
         handle = z.register_hook(lambda _grad: d_z)
         try:

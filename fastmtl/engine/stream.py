@@ -105,7 +105,6 @@ class StreamGradients(GradientEngine):
         self._finalizer = weakref.finalize(self, _remove, list(self._handles))
         self.num_tasks: int | None = None
         self._K: Tensor | None = None
-        self._reached: Tensor | None = None
         self._orphan_grads: list[Tensor] = []
         self._pending: list[_Call] = []
         self._ready = False   # compute ran and apply/discard did not yet
@@ -245,12 +244,6 @@ class StreamGradients(GradientEngine):
             return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
 
     # -- read-out ---------------------------------------------------------------------------
-    @property
-    def reached(self) -> Tensor:
-        """(T, P) bool on the CPU: ``reached[i, k]`` iff loss i sends a gradient to param k."""
-        self._require_computed()
-        return self._reached
-
     def gram(self) -> Tensor:
         """K = Σ_m G_m G_mᵀ (T, T): float32, float64 if a shared parameter is float64."""
         self._require_computed()

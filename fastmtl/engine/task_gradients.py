@@ -52,7 +52,6 @@ class TaskGradients(GradientEngine):
         self.groups: list[ParamGroup] = group_params(params)
         self.num_tasks: int | None = None
         self.mode: str | None = None          # the mode the last compute used
-        self._reached: Tensor | None = None
         self._vmap_ok: bool | None = None     # auto: None untried, True worked, False failed
 
     # -- parameters ------------------------------------------------------------------------
@@ -106,14 +105,6 @@ class TaskGradients(GradientEngine):
         return self
 
     # -- read-out ---------------------------------------------------------------------------
-    @property
-    def reached(self) -> Tensor:
-        """(T, P) bool on the CPU: ``reached[i, k]`` iff loss i sent a gradient to param k.
-
-        Known on the host from the graph's structure, so reading it never synchronises."""
-        self._require_computed()
-        return self._reached
-
     @property
     def matrices(self) -> list[Tensor]:
         """The (T, N_g) buffers, one per group (views into them stay valid across steps)."""
