@@ -14,12 +14,14 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ENGINES", "check_aggregator", "check_bool", "check_choice", "check_engine",
-           "check_engine_name", "check_features", "check_finite_losses", "check_generator",
-           "check_int", "check_losses_list", "check_number", "check_seed", "check_shared_params",
-           "check_task_grads", "checking_values", "generator_state", "load_generator_state"]
+__all__ = ["ENGINES", "MATRIX_ENGINES", "check_aggregator", "check_bool", "check_choice",
+           "check_engine", "check_engine_name", "check_features", "check_finite_losses",
+           "check_generator", "check_int", "check_losses_list", "check_number", "check_seed",
+           "check_shared_params", "check_task_grads", "checking_values", "generator_state",
+           "load_generator_state"]
 
-ENGINES = ("auto", "loop", "vmap")  # the per-task gradient engines, by name (``fastmtl.engine``)
+ENGINES = ("auto", "loop", "vmap", "stream")  # the per-task gradient engines, by name
+MATRIX_ENGINES = ("auto", "loop", "vmap")      # those that form G (T, N): ``TaskGradients``
 
 
 def _fail(who: str | None, name: str, what: str, value: object) -> ValueError:
@@ -170,15 +172,18 @@ def check_finite_losses(losses: Sequence[Tensor] | Tensor) -> None:
         raise ValueError(f"non-finite losses at task indices {bad}: {values[bad].tolist()}")
 
 
-def check_engine_name(engine: object) -> str:
+def check_engine_name(engine: object, who: str | None = None) -> str:
+    """An engine name: one of ``ENGINES``; with ``who`` (a method that needs the per-task
+    gradients G themselves, not only K), one of ``MATRIX_ENGINES``."""
+    allowed = ENGINES if who is None else MATRIX_ENGINES
     if not isinstance(engine, str):
-        raise TypeError(f"engine must be one of {ENGINES}, got {type(engine).__name__}")
-    if engine == "stream":
-        raise ValueError("engine='stream' records the model's module calls with forward hooks: "
-                         "create fm.engine.StreamGradients(model, shared_params) once, before "
-                         "the forward, and pass that object as engine=")
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
+        raise TypeError(f"engine must be one of {allowed}, got {type(engine).__name__}")
+    if engine not in allowed:
+        if engine in ENGINES:
+            raise ValueError(f"{who} needs the per-task gradients G (T, N) themselves, which "
+                             f"engine={engine!r} never forms (it folds them into K as they "
+                             f"come): use one of {allowed}")
+        raise ValueError(f"unknown engine {engine!r}; expected one of {allowed}")
     return engine
 
 
@@ -259,14 +264,15 @@ def check_features(features: object) -> Tensor:
 
 def check_engine(engine: object) -> object:
     """An engine name (``check_engine_name``) or an engine object (``TaskGradients``,
-    ``LatentGradients``: any ``fastmtl.engine.GradientEngine``)."""
+    ``StreamGradients``, ``LatentGradients``: any ``fastmtl.engine.GradientEngine``)."""
     from fastmtl.engine.base import GradientEngine
 
     if isinstance(engine, str):
         return check_engine_name(engine)
     if not isinstance(engine, GradientEngine):
-        raise TypeError(f"engine must be one of {ENGINES}, a TaskGradients or a "
-                        f"LatentGradients, got {type(engine).__name__}")
+        raise TypeError(f"engine must be one of {ENGINES} or a fastmtl.engine object "
+                        f"(TaskGradients, StreamGradients, LatentGradients), got "
+                        f"{type(engine).__name__}")
     return engine
 
 

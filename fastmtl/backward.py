@@ -30,7 +30,7 @@ from fastmtl._checks import (
     check_shared_params,
 )
 from fastmtl.engine import cache, pipeline
-from fastmtl.engine.base import GradientEngine
+from fastmtl.engine.base import GradientEngine, prefers_stream
 from fastmtl.engine.latent import LatentGradients
 from fastmtl.engine.stream import StreamGradients
 from fastmtl.engine.task_gradients import TaskGradients
@@ -38,8 +38,8 @@ from fastmtl.engine.task_gradients import TaskGradients
 __all__ = ["mtl_backward"]
 
 
-def _resolve_engine(engine: str | GradientEngine, params: list[Tensor],
-                    latent: bool) -> GradientEngine:
+def _resolve_engine(engine: str | GradientEngine, params: list[Tensor], latent: bool,
+                    num_tasks: int) -> GradientEngine:
     """The engine object for a checked ``engine`` argument (a name: from the cache)."""
     if isinstance(engine, LatentGradients):
         if not latent:
@@ -55,7 +55,17 @@ def _resolve_engine(engine: str | GradientEngine, params: list[Tensor],
                              "parameters")
         return engine
     if latent:
+        if engine == "stream":
+            raise ValueError("features= (latent mode) forms the (T, z.numel()) gradients "
+                             "w.r.t. z, never a (T, N) matrix: engine='stream' does not "
+                             "apply; use engine='auto'")
         return cache.cached("latent", engine, params, lambda: LatentGradients(engine))
+    if engine == "stream":
+        return cache.cached("params", engine, params, lambda: StreamGradients(params))
+    if engine == "auto":   # chosen once, at the first step for these parameters
+        return cache.cached("params", engine, params, lambda: (
+            StreamGradients(params) if prefers_stream(params, num_tasks)
+            else TaskGradients(params, engine)))
     return cache.cached("params", engine, params, lambda: TaskGradients(params, engine))
 
 
@@ -76,13 +86,18 @@ def mtl_backward(
         aggregator: a ``fastmtl.aggregators.Aggregator`` (a method of your own: subclass it).
             Anything else, a loss weighting included, is a ``TypeError`` before any backward.
         features: the shared representation z: latent (MGDA-UB) mode, K from ∇_z L_i.
-        engine: "loop" | "vmap" | "auto" ("loop" when the losses are on the CPU or T <= 2,
-            else "vmap", falling back to "loop" for good if vmap fails), or an engine
-            object of your own (``TaskGradients(shared_params)``; ``StreamGradients(model,
-            shared_params)``, created before the forward, for K without the (T, N) matrix;
-            or ``LatentGradients()`` with
-            ``features``). By name, the engine comes from a small module-level cache keyed on
-            the shared parameters (held weakly), so its buffers are reused across steps.
+        engine: "loop" | "vmap" | "stream" | "auto", or an engine object of your own
+            (``TaskGradients(shared_params)``, ``StreamGradients(shared_params)``, or
+            ``LatentGradients()`` with ``features``). "loop" and "vmap" hold the (T, N)
+            per-task gradients (T backward passes, or one batched pass); "stream" folds K
+            block by block and never holds them (``fastmtl.engine.stream``). "auto": "stream"
+            when the (T, N) buffer would exceed its budget (``engine.prefers_stream``: a fixed
+            size on the CPU, a fraction of the free memory on a GPU; decided at the first step
+            for these parameters),
+            else "loop" when the losses are on the CPU or T <= 2, else "vmap" (falling back
+            to "loop" for good if vmap fails). By name, the engine comes from a small
+            module-level cache keyed on the shared parameters (held weakly), so its buffers
+            are reused across steps.
         check_finite: raise ``ValueError`` on a non-finite loss (reads the losses on the host:
             a synchronisation on GPU).
 
@@ -113,7 +128,7 @@ def mtl_backward(
         torch.autograd.backward(losses, [torch.full_like(loss, scale) for loss in losses])
         dtype = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
         return torch.full((T,), scale, dtype=dtype, device=losses[0].device)
-    eng = _resolve_engine(engine, params, features is not None)
+    eng = _resolve_engine(engine, params, features is not None, T)
     if features is not None:
         eng._bind(features)  # checked above
     return pipeline.run(eng, losses, aggregator.weights).w

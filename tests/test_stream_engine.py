@@ -1,7 +1,9 @@
 """engine="stream" (``fm.engine.StreamGradients``): K, w and every .grad equal the loop engine's
 (float64, 1e-10), on an MLP, a Conv-BatchNorm CNN with a Linear applied twice and a raw
-parameter used outside any leaf module, and with shared parameters only some tasks reach;
-BatchNorm running statistics are updated once, by the forward."""
+parameter, a sequence model with LayerNorm, an embedding model with dropout and a loss of a
+parameter alone, with shared parameters only some tasks reach, with cotangents or gradients
+kept and folds chunked by a small bucket; BatchNorm running statistics are updated once, by the
+forward; what the passes keep is T x min(outputs, parameters) per consumer."""
 
 from __future__ import annotations
 
@@ -97,7 +99,14 @@ def _loop(model, shared):
 
 
 def _stream(model, shared):
-    return StreamGradients(model, shared)
+    return StreamGradients(shared)
+
+
+def _stream_cotangents(model, shared):
+    """Cotangents kept wherever the VJP is separable, in a small bucket (chunked folds)."""
+    eng = StreamGradients(shared, bucket_size=100)
+    eng._keeps_cotangents = lambda group, numel: group.isolated
+    return eng
 
 
 MODELS = {"mlp": MLP, "cnn": CNN, "seq": Seq}
@@ -114,12 +123,13 @@ def _data(kind: str):
 @pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("aggregator", [Fixed([0.5, -1.0, 2.0]), MGDA(), UPGrad()],
                          ids=["fixed", "mgda", "upgrad"])
-def test_stream_equals_loop(kind, aggregator):
+@pytest.mark.parametrize("make", [_stream, _stream_cotangents], ids=["default", "cotangents"])
+def test_stream_equals_loop(kind, aggregator, make):
     torch.manual_seed(0)
     model = MODELS[kind]().double()
     x, y = _data(kind)
     w_loop, g_loop, b_loop, tg = _step(model, x, y, aggregator, _loop)
-    w_str, g_str, b_str, sg = _step(model, x, y, aggregator, _stream)
+    w_str, g_str, b_str, sg = _step(model, x, y, aggregator, make)
     torch.testing.assert_close(w_str, w_loop, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(sg.gram(), tg.gram(), rtol=1e-10, atol=1e-12)
     assert torch.equal(sg.reached, tg.reached)
@@ -135,101 +145,138 @@ def test_stream_equals_loop(kind, aggregator):
 
 
 def test_stream_holds_no_task_by_parameter_matrix():
-    """The cotangents are T x (module outputs), the blocks one module at a time: nothing of
-    size T x N survives ``compute``."""
+    """What the T passes keep is T x min(outputs, parameters) per consumer: the cotangents of
+    the wide layers, the gradients of the layer whose input is wider than its batch."""
     torch.manual_seed(0)
-    model = MLP().double()
-    shared = _shared(model)
-    sg = StreamGradients(model, shared)
-    x, y = _data("mlp")
-    losses = [((o - y[:, i]) ** 2).mean() for i, o in enumerate(model(x))]
+    model = nn.Sequential(nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, 64), nn.Tanh(),
+                          nn.Linear(64, 64)).double()
+    x = torch.randn(8, 64, dtype=torch.float64)
+    out = model(x)
+    losses = [out[:, i].square().mean() for i in range(T)]
+    sg = StreamGradients(list(model.parameters()))
     sg.compute(losses)
-    kept = sum(c.deltas.numel() for c in sg._pending) + sum(G.numel() for G in sg._orphan_grads)
-    assert kept == T * sum(c.out.numel() for c in sg._pending)
-    assert sg.orphans == []
+    # Linear(64, 4): out 8x4 = 32 < 260; Linear(4, 64): out 512 > 320 params; Linear(64, 64):
+    # out 512 < 4160
+    assert sg.kept_numel == T * (32 + 320 + 512)
+    assert sg.kept_numel < T * sum(p.numel() for p in model.parameters()) / 5
     sg.apply(torch.ones(T, dtype=torch.float64))
-    assert sg._pending == [] and not sg._ready
     with pytest.raises(RuntimeError, match="compute"):
         sg.apply(torch.ones(T, dtype=torch.float64))
-    sg.close()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        losses[0].backward()                   # apply's weighted pass freed the graph
 
 
-def test_stream_by_name_says_how():
+def test_stream_by_name_and_auto(monkeypatch):
+    """engine="stream" by name equals the loop engine; "auto" picks it when the (T, N) buffer
+    exceeds the budget, and the loop engine otherwise."""
+    import fastmtl.engine.base as base
+
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = _data("mlp")
+    w_loop, g_loop, _, _ = _step(model, x, y, MGDA(), _loop)
+    w_name, g_name, _, _ = _step(model, x, y, MGDA(), lambda m, s: "stream")
+    torch.testing.assert_close(w_name, w_loop, rtol=1e-10, atol=1e-12)
+    for name, g in g_loop.items():
+        torch.testing.assert_close(g_name[name], g, rtol=1e-10, atol=1e-12, msg=name)
+    n_bytes = T * sum(p.numel() * 8 for p in _shared(model))
+    for budget, kind in [(n_bytes - 1, StreamGradients), (n_bytes, TaskGradients)]:
+        monkeypatch.setattr(base, "STREAM_BUDGET_CPU", budget)
+        fm.engine.cache.clear()
+        m = copy.deepcopy(model)
+        losses = [((o - y[:, i]) ** 2).mean() for i, o in enumerate(m(x))]
+        w = fm.mtl_backward(losses, _shared(m), MGDA())
+        torch.testing.assert_close(w, w_loop, rtol=1e-10, atol=1e-12)
+        (engine,) = [e for _, e in fm.engine.cache._entries.values()]
+        assert type(engine) is kind
+    fm.engine.cache.clear()
+
+
+def test_methods_that_need_G_refuse_stream():
     model = MLP()
-    losses = [o.sum() for o in model(torch.randn(2, 5))]
-    with pytest.raises(ValueError, match=r"StreamGradients\(model, shared_params\)"):
-        fm.mtl_backward(losses, _shared(model), MGDA(), engine="stream")
+    shared = _shared(model)
+    with pytest.raises(ValueError, match="AdaTask needs the per-task gradients"):
+        fm.optim.AdaTaskAdam([{"params": shared, "shared": True}], num_tasks=T,
+                             engine="stream")
+    with pytest.raises(ValueError, match="TaskGradients needs the per-task gradients"):
+        TaskGradients(shared, engine="stream")
+    with pytest.raises(ValueError, match="PCGrad needs the per-task gradients"):
+        fm.optim.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), engine="stream")
+    z = model.encoder(torch.randn(2, 5))
+    losses = [h(z).sum() for h in model.heads]
+    with pytest.raises(ValueError, match="latent mode"):
+        fm.mtl_backward(losses, shared, MGDA(), features=z, engine="stream")
+    with pytest.raises(TypeError, match="LatentGradients"):
+        fm.mtl_backward(losses, shared, MGDA(), features=z, engine=StreamGradients(shared))
 
 
 def test_stream_engine_for_other_params_is_refused():
     model = MLP()
-    sg = StreamGradients(model, _shared(model)[:2])
+    sg = StreamGradients(_shared(model)[:2])
     losses = [o.sum() for o in model(torch.randn(2, 5))]
     with pytest.raises(ValueError, match="other shared parameters"):
         fm.mtl_backward(losses, _shared(model), MGDA(), engine=sg)
 
 
-def test_stream_needs_the_forward_recorded():
-    model = MLP()
-    losses = [o.sum() for o in model(torch.randn(2, 5))]   # forward before the engine exists
-    sg = StreamGradients(model, _shared(model))
-    with pytest.raises(RuntimeError, match="before the forward"):
-        fm.mtl_backward(losses, _shared(model), MGDA(), engine=sg)
-    assert all(p.grad is None for p in model.parameters())
+class Embed(nn.Module):
+    """Token embedding (a one-input op on a parameter: its consumer is the add of positions),
+    dropout (its mask must not be redrawn), and a task whose loss is a parameter alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.pos = nn.Parameter(torch.randn(4, 6))
+        self.lin = nn.Linear(6, 6)
+        self.drop = nn.Dropout(0.3)
+        self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(T - 1))
+
+    def forward(self, tokens):
+        z = self.drop(torch.tanh(self.lin(self.emb(tokens) + self.pos))).mean(1)
+        return [h(z).squeeze(1) for h in self.heads]
 
 
-def test_other_forwards_are_skipped_and_clear_forgets_them():
-    """A forward whose losses are not aggregated (here a whole extra one) is recorded too; its
-    calls feed no loss of the step and change nothing; ``clear`` drops them."""
+@pytest.mark.parametrize("make", [_stream, _stream_cotangents], ids=["default", "cotangents"])
+def test_embedding_dropout_and_a_parameter_loss(make):
     torch.manual_seed(0)
-    model = CNN().double()
-    x, y = _data("cnn")
-    w_loop, g_loop, _, _ = _step(model, x, y, Fixed([1.0, 2.0, 3.0]), _loop)
-
-    def with_extra_forward(model, shared):
-        sg = StreamGradients(model, shared)
-        model(x)                       # recorded, never aggregated
-        assert len(sg._calls) == 5     # conv, bn, tied twice, only0
-        return sg
-
-    w_str, g_str, _, sg = _step(model, x, y, Fixed([1.0, 2.0, 3.0]), with_extra_forward)
-    assert len(sg._pending) == 0       # apply consumed the live calls; the stale ones were cut
-    for name, g in g_loop.items():
-        if g is not None:
-            torch.testing.assert_close(g_str[name], g, rtol=1e-10, atol=1e-12, msg=name)
-    sg.modules[0](x)                   # the conv of the engine's own (copied) model
-    assert len(sg._calls) == 1
-    sg.clear()
-    assert sg._calls == []
-
-
-def test_compute_keeps_only_the_calls_the_losses_use():
-    model = CNN().double()
-    x, y = _data("cnn")
-    sg = StreamGradients(model, _shared(model))
-    model(x)                                          # stale: 5 calls
-    losses = [((o - y[:, i]) ** 2).mean() for i, o in enumerate(model(x))]
-    assert len(sg._calls) == 10
-    sg.compute(losses)
-    assert len(sg._pending) == 5 and sg._calls == []
-    sg.discard()
+    model = Embed().double()
+    tokens = torch.randint(0, 11, (8, 4), generator=torch.Generator().manual_seed(2))
+    y = torch.randn(8, T - 1, dtype=torch.float64)
+    results = []
+    for engine_of in (_loop, make):
+        m = copy.deepcopy(model)
+        shared = _shared(m)
+        torch.manual_seed(5)                          # the same dropout mask for both
+        outs = m(tokens)
+        losses = [((o - y[:, i]) ** 2).mean() for i, o in enumerate(outs)]
+        losses.append(m.pos.square().sum())           # task T-1: a parameter alone
+        eng = engine_of(m, shared)
+        w = fm.mtl_backward(losses, shared, Fixed([0.5, -1.0, 2.0]), engine=eng)
+        results.append((w, eng.gram(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (w0, K0, g0), (w1, K1, g1) = results
+    torch.testing.assert_close(K1, K0, rtol=1e-10, atol=1e-12)
+    for name, g in g0.items():
+        torch.testing.assert_close(g1[name], g, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_a_dropped_engine_stops_recording():
-    import gc
-    import weakref
+def test_an_op_that_cannot_run_again_is_named():
+    """The VJPs of a consumer run its backward again from its cotangent: one that cannot
+    (an autograd.Function of one's own) is named in the error."""
+    class Once(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            return x * w
 
-    model = MLP()
-    sg = StreamGradients(model, _shared(model))
-    ref = weakref.ref(sg)
-    model(torch.randn(2, 5))
-    del sg
-    gc.collect()
-    assert ref() is None                       # the hooks did not keep it (or its calls) alive
-    assert all(not m._forward_hooks for m in model.modules())
-    sg2 = StreamGradients(model, _shared(model))
-    sg2.close()
-    assert all(not m._forward_hooks for m in model.modules())
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("this backward runs once")
+
+    w, v = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(7, 5))
+    y = Once.apply(v * 2, w)      # a consumer of w and (through v * 2) of v, not run in passes
+    losses = [y[:, i].sum() for i in range(T)]
+    sg = StreamGradients([w, v])
+    with pytest.raises(RuntimeError, match="OnceBackward.*use engine='loop'"):
+        sg.compute(losses)
 
 
 @pytest.mark.parametrize("kind", list(MODELS))

@@ -1,7 +1,7 @@
 """End-to-end step benchmark: one aggregation step of a shared-MLP, T-head model.
 
 Compared in one run, for a method (MGDA, UPGrad, PCGrad, ...): ``fm.mtl_backward`` (parameter
-space with the default engine and with ``StreamGradients``, and latent mode with
+space with the default engine and with ``engine="stream"``, and latent mode with
 ``features=z``), torchjd's ``mtl_backward`` + ``jac_to_grad`` with
 its aggregator of the same name (when installed), a LibMTL-style loop (per-task
 ``autograd.grad`` + ``torch.cat``, the weights — for MGDA by host-side Frank–Wolfe as in Sener &
@@ -65,12 +65,9 @@ def step_cases(device: str, method: str = "MGDA", T: int = 10, width: int = 512,
         fm.mtl_backward(losses, shared, aggregator=agg)
 
     impls[f"fastmtl {method}"] = fastmtl_step
-    stream = fm.engine.StreamGradients(encoder, shared)
-
     def fastmtl_stream_step():
-        stream.clear()   # the other rows' forwards were recorded too
         _, losses = _losses(encoder, heads, x, y)
-        fm.mtl_backward(losses, shared, aggregator=agg, engine=stream)
+        fm.mtl_backward(losses, shared, aggregator=agg, engine="stream")
 
     impls[f"fastmtl {method} stream"] = fastmtl_stream_step
 
@@ -127,11 +124,8 @@ def step_cases(device: str, method: str = "MGDA", T: int = 10, width: int = 512,
         return run
 
     case = f"{method} T={T} MLP {depth}x{width} batch {batch}"
-    try:
-        rows = _time_impls("step", case, device, {k: zero_then(f) for k, f in impls.items()},
-                           None, rounds=rounds)
-    finally:
-        stream.close()
+    rows = _time_impls("step", case, device, {k: zero_then(f) for k, f in impls.items()},
+                       None, rounds=rounds)
     return (rows
             + _time_impls("step", f"{case} latent (features=z)", device,
                           {k: zero_then(f) for k, f in latent.items()}, None, rounds=rounds))

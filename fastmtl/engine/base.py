@@ -13,12 +13,13 @@ it for every entry point):
 Parameter-space engines (``TaskGradients``: "loop", "vmap") hold G as a (T, N) buffer per
 (device, dtype) group; the latent engine (``LatentGradients``, bound to the features z of the
 step by ``bind``) holds ∇_z L_i; the streamed engine (``StreamGradients``) never holds G: K is
-folded module by module during ``compute`` and ``apply`` takes one VJP per module call.
+folded block by block during ``compute`` and ``apply`` is one weighted backward pass.
 """
 
 from __future__ import annotations
 
 import abc
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -26,7 +27,8 @@ from torch import Tensor
 
 from fastmtl._checks import ENGINES, check_losses_list
 
-__all__ = ["ENGINES", "GradientEngine", "auto_mode"]
+__all__ = ["ENGINES", "STREAM_BUDGET_CPU", "STREAM_BUDGET_FRACTION", "GradientEngine",
+           "ParameterEngine", "auto_mode", "prefers_stream"]
 
 
 def auto_mode(device: torch.device, num_tasks: int) -> str:
@@ -39,6 +41,28 @@ def auto_mode(device: torch.device, num_tasks: int) -> str:
     if device.type == "cpu" or num_tasks <= 2:
         return "loop"
     return "vmap"
+
+
+STREAM_BUDGET_CPU = 4 << 30      # bytes: "auto" streams on the CPU above a (T, N) buffer of 4 GiB
+STREAM_BUDGET_FRACTION = 0.25    # ... on a GPU above this fraction of its free memory
+
+
+def prefers_stream(params: Sequence[Tensor], num_tasks: int) -> bool:
+    """The "auto" rule between the (T, N) buffer and "stream": stream when the buffer of some
+    device, T × (its shared parameters' bytes), would exceed its budget: ``STREAM_BUDGET_CPU``
+    on the CPU, ``STREAM_BUDGET_FRACTION`` × the free memory on a GPU (``mtl_backward`` asks at
+    the first step for a set of shared parameters and keeps the answer)."""
+    need: dict[torch.device, int] = {}
+    for p in params:
+        need[p.device] = need.get(p.device, 0) + num_tasks * p.numel() * p.element_size()
+    for device, size in need.items():
+        if device.type == "cuda":
+            budget = STREAM_BUDGET_FRACTION * torch.cuda.mem_get_info(device)[0]
+        else:
+            budget = STREAM_BUDGET_CPU
+        if size > budget:
+            return True
+    return False
 
 
 class GradientEngine(abc.ABC):
@@ -94,3 +118,29 @@ class GradientEngine(abc.ABC):
         if w.dim() != 1 or w.shape[0] != T:
             raise ValueError(f"w must have shape ({T},), got {tuple(w.shape)}")
         return w
+
+
+class ParameterEngine(GradientEngine):
+    """An engine in parameter space: holds its shared parameters by weak reference (a cached
+    engine must not keep a model alive) and checks them once."""
+
+    def _hold(self, params: list[Tensor]) -> None:
+        for k, p in enumerate(params):
+            if not p.is_floating_point():
+                raise TypeError(f"shared_params[{k}] must be floating point, got {p.dtype}")
+        self._refs = [weakref.ref(p) for p in params]
+
+    @property
+    def params(self) -> list[Tensor]:
+        out = []
+        for k, ref in enumerate(self._refs):
+            p = ref()
+            if p is None:
+                raise RuntimeError(f"{type(self).__name__}: shared parameter {k} was freed")
+            out.append(p)
+        return out
+
+    def matches(self, params: Sequence[Tensor]) -> bool:
+        """True if ``params`` are this engine's shared parameters (same tensors, same order)."""
+        return len(params) == len(self._refs) and all(
+            ref() is p for ref, p in zip(self._refs, params))

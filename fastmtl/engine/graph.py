@@ -16,14 +16,15 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-__all__ = ["task_masks"]
+__all__ = ["children", "task_masks", "topological"]
 
 
-def _children(node: object) -> list[tuple[object, int]]:
+def children(node: object) -> list[tuple[object, int]]:
+    """The (node, output_nr) edges a node sends gradients to, without the empty ones."""
     return [(child, nr) for child, nr in getattr(node, "next_functions", ()) if child is not None]
 
 
-def _topological(roots: list[object], stop: object | None) -> list[object]:
+def topological(roots: list[object], stop: object | None = None) -> list[object]:
     """Nodes reachable from ``roots`` (not expanding ``stop``), parents before children."""
     seen: set[int] = set()
     finished: list[object] = []
@@ -39,7 +40,7 @@ def _topological(roots: list[object], stop: object | None) -> list[object]:
         stack.append((node, True))
         if node is stop:
             continue
-        for child, _ in _children(node):
+        for child, _ in children(node):
             if id(child) not in seen:
                 stack.append((child, False))
     finished.reverse()
@@ -69,7 +70,7 @@ def task_masks(losses: Sequence[Tensor], target: Tensor | None = None
             continue
         roots.append(node)
         seeds[id(node)] = seeds.get(id(node), 0) | (1 << i)
-    order = _topological(roots, stop)
+    order = topological(roots, stop)
     masks: dict[int, int] = dict(seeds)
     target_mask = 0
     leaves: dict[int, tuple[Tensor, int]] = {}
@@ -81,7 +82,7 @@ def task_masks(losses: Sequence[Tensor], target: Tensor | None = None
             leaves[id(variable)] = (variable, old | m)
         if node is stop:
             continue
-        for child, nr in _children(node):
+        for child, nr in children(node):
             masks[id(child)] = masks.get(id(child), 0) | m
             if target_edge is not None and (id(child), nr) == target_edge:
                 target_mask |= m

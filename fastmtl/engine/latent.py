@@ -40,7 +40,7 @@ class LatentGradients(GradientEngine):
     """Per-task gradients w.r.t. the features z in a persistent (T, z.numel()) buffer."""
 
     def __init__(self, engine: str = "auto") -> None:
-        self.engine = check_engine_name(engine)
+        self.engine = check_engine_name(engine, who="LatentGradients")
         self.buffer: Tensor | None = None
         self.num_tasks: int | None = None
         self.mode: str | None = None

@@ -1,7 +1,7 @@
 """The one pipeline every entry point runs: losses -> G -> K -> w -> direction.
 
     engine.compute(losses)        G: per-task gradients (``TaskGradients``, ``LatentGradients``,
-                                  ``StreamGradients``: K folded module by module)
+                                  ``StreamGradients``: K folded block by block)
     K = engine.gram()             (T, T)
     w = weigh(K, L)               an aggregator's ``weights``, or an entry point's own rule
     engine.apply(w)               d = Gᵀ w written where it belongs (returned if asked)

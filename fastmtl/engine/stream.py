@@ -1,139 +1,189 @@
 """The "stream" engine: K without the (T, N) matrix of per-task gradients.
 
-For a leaf module m that owns shared parameters θ_m, called as y = m(x; θ_m), the per-task
-gradient is a vector-Jacobian product at the module's output:
+Read on the autograd graph of the losses: no model, no hooks, nothing recomputed. A *consumer*
+is an op that uses a shared parameter θ_c directly or through a chain of one-input ops (``Wᵀ``,
+a cast, an embedding lookup): y = f(x, θ_c), a matmul, a convolution, a BatchNorm, the add of
+a raw parameter. The per-task gradient of its parameters is its vector-Jacobian product at the
+cotangent δ_i = ∂L_i/∂y of its output:
 
-    ∇_{θ_m} L_i = J_{θ_m}(x)ᵀ δ_i,        δ_i = ∂L_i/∂y   (the cotangent of task i at y)
+    ∇_{θ_c} L_i = J_{θ_c}(x)ᵀ δ_i,        K = Σ_blocks G_b G_bᵀ,        d = Σ_i w_i ∇ L_i.
 
-so G_m (T, n_m) is one vmapped VJP of the module alone over the T cotangents, and
+``compute(losses)`` runs T backward passes that stop at the consumers' outputs (no
+parameter-gradient product is formed in them) and keeps, per consumer, whichever is smaller:
+the T cotangents at its outputs, or the T gradients of its parameters (an early convolution of
+a CNN, whose outputs are large; and a parameter under two consumers, tied weights, whose VJPs
+are not separable). The heads (non-shared leaves) get Σ_i ∇ L_i in ``.grad`` in those passes,
+as ``sum(losses).backward()`` gives them. Then, block by block, G_b is built by T VJPs of its
+consumer alone, folded into K and freed; ``bucket_size`` bounds the per-task gradient elements
+that exist at once (a block too large for all T tasks is folded a few tasks at a time, at the
+price of more VJPs). ``apply(w)`` takes d by one ordinary weighted backward pass of
+Σ_i w_i L_i into the shared parameters, which also frees the graph.
 
-    K = Σ_m G_m G_mᵀ (+ the shared parameters no leaf module owns),
-    d_m = Σ_i w_i ∇_{θ_m} L_i = J_{θ_m}(x)ᵀ (Σ_i w_i δ_i)       (one plain VJP per module call).
+Memory beyond one plain backward: T × Σ_consumers min(outputs, parameters) + ``bucket_size``
+elements, never more than the loop engine's T × N: far below it when ops' outputs are smaller
+than their parameters (wide layers, small batches, large models fine-tuned on few tokens), about
+the same when activations dominate (a CNN at a large batch). Time: the loop engine's T passes,
+plus T VJPs per consumer (Python calls) and one weighted backward pass.
 
-``StreamGradients(model, shared_params)`` registers forward hooks that record each call of such a
-module (its arguments and output). ``compute(losses)`` then runs T backward passes that stop
-at the recorded outputs, at the shared parameters no leaf module owns ("orphans", e.g. an
-``nn.Parameter`` used in a parent's ``forward``) and at the non-shared leaves (the heads, which
-get Σ_i ∇ L_i in ``.grad`` as with ``sum(losses).backward()``); no parameter-gradient product is
-formed in those passes. For each module (all its calls together: a module applied twice, tied
-weights, sums its calls) G_m is built, folded into K and freed. Peak extra memory: T × the
-recorded module outputs (the cotangents), T × the largest module's parameters, and T × the
-orphans' size, not T × N.
-
-The module is recomputed (``torch.func.functional_call`` on detached arguments) to take its
-VJP. A BatchNorm in training mode is recomputed with ``track_running_stats=False``: it
-normalises with the same batch statistics and its running statistics are updated exactly once,
-by the real forward. Leaf modules with parameters must be deterministic (Linear, Conv, norms,
-embeddings are). A module whose backward has no vmap batching rule falls back to a loop of T
-VJPs. The engine needs the hooks in place before the forward: create it once, before
-training, and pass it as ``engine=`` (``close()`` removes the hooks). Every forward with grad
-enabled is recorded until the next ``compute``; calls no loss of the step depends on (another
-forward's) are skipped there, and ``clear()`` drops them earlier (they keep their activations
-alive until then).
+Exact: K, w and every ``.grad`` equal the loop engine's to rounding. Nothing is recomputed, so
+any op works and BatchNorm's running statistics are updated once, by the forward (dropout keeps
+its mask). A compiled region (``torch.compile``) is one consumer of all its parameters. Needs
+torch >= 2.5 (gradients with respect to graph edges).
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch import Tensor
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from fastmtl import ops
-from fastmtl._checks import check_shared_params
-from fastmtl.engine.base import GradientEngine
-from fastmtl.engine.graph import task_masks
+from fastmtl._checks import check_int, check_shared_params
+from fastmtl.engine.base import ParameterEngine
+from fastmtl.engine.graph import children, task_masks, topological
 
-__all__ = ["StreamGradients"]
+__all__ = ["DEFAULT_BUCKET_SIZE", "StreamGradients"]
 
-
-def _remove(handles: list) -> None:
-    for h in handles:
-        h.remove()
+DEFAULT_BUCKET_SIZE = 1 << 27   # per-task gradient elements held at once: 128M (fp32: 512 MiB)
 
 
-def _is_leaf(module: nn.Module) -> bool:
-    return next(module.children(), None) is None
+@dataclass
+class _Group:
+    """Consumers that share parameters, the shared parameters under them (indices), and what
+    the T passes keep for them: the cotangents at ``edges`` or the parameters' gradients."""
+    nodes: list = field(default_factory=list)
+    params: set = field(default_factory=set)
+    edges: list = field(default_factory=list)       # GradientEdge per used output
+    out_numel: int = 0
+    isolated: bool = True          # its parameters are reached through its consumers alone
+    keep_cotangents: bool = True
 
 
-class _Call:
-    """One recorded call of a hooked module, and after ``compute`` its cotangents and VJP."""
-
-    def __init__(self, module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> None:
-        self.module, self.args, self.kwargs, self.out = module, args, kwargs, out
-        self.deltas: Tensor | None = None     # (T, *out.shape)
-        self.vjp_fn = None
-        # y = x Wᵀ + b: ∇_W L_i = δ_iᵀ x and ∇_b L_i = Σ_rows δ_i in closed form (no recompute)
-        self.linear = (type(module) is nn.Linear and len(args) == 1 and not kwargs
-                       and isinstance(args[0], Tensor))
-
-    def rows(self) -> Tensor:
-        """A linear call's input as (M, in) rows, detached."""
-        x = self.args[0].detach()
-        return x.reshape(-1, x.shape[-1])
+def _out_numel(node: object, nr: int) -> int | None:
+    meta = getattr(node, "_input_metadata", None)   # the shapes of the node's forward outputs
+    if meta is None or nr >= len(meta):
+        return None
+    return int(torch.Size(meta[nr].shape).numel())
 
 
-class StreamGradients(GradientEngine):
-    """Per-task gradients folded into K module by module, never held as a (T, N) matrix."""
+def _groups(losses: list[Tensor], index: dict[int, int]) -> list[_Group]:
+    """The consumers of the shared parameters in the losses' graph, grouped by shared
+    parameters (connected components), with their used outputs.
 
-    def __init__(self, model: nn.Module, shared_params: Iterable[Tensor]) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    A node is parametric when it is the ``AccumulateGrad`` of a shared parameter or has exactly
+    one child and that child is parametric (``Wᵀ``, a cast, an embedding lookup, a convolution
+    of an input that needs no gradient): chains that end in one parameter. A consumer is a
+    node that is not parametric and has a parametric child. Its VJP from its output cotangent
+    to its parameters is that consumer's part alone when every node of its chains has a single
+    parent (``isolated``); a parameter under two consumers (tied weights) or under a chain
+    shared by several ops is not, and its group keeps the parameters' gradients instead.
+    """
+    roots = [get_gradient_edge(loss) for loss in losses]
+    order = topological([e.node for e in roots])
+    parents: dict[int, int] = {}
+    for node in order:
+        for c, _ in children(node):
+            parents[id(c)] = parents.get(id(c), 0) + 1
+    for e in roots:
+        parents[id(e.node)] = parents.get(id(e.node), 0) + 1
+    under: dict[int, int] = {}      # parametric node -> the index of its parameter
+    alone: dict[int, bool] = {}     # ... and whether its chain has single parents only
+    for node in reversed(order):    # children first
+        var = getattr(node, "variable", None)
+        if isinstance(var, Tensor):
+            if id(var) in index:
+                under[id(node)] = index[id(var)]
+                alone[id(node)] = parents[id(node)] == 1
+            continue
+        kids = children(node)
+        if len(kids) == 1 and id(kids[0][0]) in under:
+            under[id(node)] = under[id(kids[0][0])]
+            alone[id(node)] = parents[id(node)] == 1 and alone[id(kids[0][0])]
+    consumers: dict[int, tuple[object, set, bool]] = {}
+    for node in order:
+        if id(node) in under:
+            continue
+        kids = [c for c, _ in children(node) if id(c) in under]
+        if kids:
+            consumers[id(node)] = (node, {under[id(c)] for c in kids},
+                                   all(alone[id(c)] for c in kids))
+    used: dict[int, set] = {k: set() for k in consumers}
+    for node in order:
+        for c, nr in children(node):
+            if id(c) in used:
+                used[id(c)].add(nr)
+    for e in roots:
+        if id(e.node) in used:
+            used[id(e.node)].add(e.output_nr)
+        elif id(e.node) in under:   # a loss of one parameter alone: its own consumer
+            consumers[id(e.node)] = (e.node, {under[id(e.node)]}, alone[id(e.node)])
+            used[id(e.node)] = {e.output_nr}
+    parent: dict[int, int] = {}     # connected components over shared parameters
+
+    def find(k: int) -> int:
+        while parent.setdefault(k, k) != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for _, ps, _ in consumers.values():
+        first, *rest = ps
+        for k in rest:
+            parent[find(k)] = find(first)
+    groups: dict[int, _Group] = {}
+    for key, (node, ps, isolated) in consumers.items():
+        g = groups.setdefault(find(next(iter(ps))), _Group())
+        g.nodes.append(node)
+        g.params |= ps
+        g.isolated = g.isolated and isolated
+        for nr in sorted(used[key]):
+            g.edges.append(GradientEdge(node, nr))
+            n = _out_numel(node, nr)
+            g.out_numel += n if n is not None else 1 << 62   # unknown: keep the gradients
+    return list(groups.values())
+
+
+class StreamGradients(ParameterEngine):
+    """Per-task gradients folded into K block by block, never held as a (T, N) matrix.
+
+    Args:
+        shared_params: the parameters whose per-task gradients are aggregated.
+        bucket_size: the most per-task gradient elements that exist at once while K is
+            folded: parameters are folded in blocks of at most ``bucket_size // T`` elements
+            with all T tasks at once; a larger parameter is a block of its own, folded
+            ``bucket_size // numel`` tasks at a time (at least one: one task's gradient of one
+            parameter is the floor) at the price of more VJPs (``_fold``).
+
+    Use it by name (``engine="stream"``: ``mtl_backward`` keeps one per set of shared
+    parameters) or pass an instance as ``engine=``; "auto" picks it when the (T, N) buffer
+    would not fit (``fastmtl.engine.prefers_stream``). Methods that need the per-task gradients
+    themselves (AdaTask's per-task moments, the PCGrad wrapper's projections, latent mode)
+    refuse it.
+    """
+
+    def __init__(self, shared_params: Iterable[Tensor], *,
+                 bucket_size: int = DEFAULT_BUCKET_SIZE) -> None:
+        if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
+            raise RuntimeError("StreamGradients needs torch >= 2.5 (gradients with respect to "
+                               f"graph edges); this is torch {torch.__version__}: use "
+                               "engine='loop'")
         params = check_shared_params(shared_params)
-        for k, p in enumerate(params):
-            if not p.is_floating_point():
-                raise TypeError(f"shared_params[{k}] must be floating point, got {p.dtype}")
-        self.params = params
-        ids = {id(p): k for k, p in enumerate(params)}
-        self.modules = [m for m in model.modules() if _is_leaf(m)
-                        and any(id(p) in ids for p in m.parameters(recurse=False))]
-        owned = {id(p) for m in self.modules for p in m.parameters(recurse=False)}
-        self.orphans = [p for p in params if id(p) not in owned]
-        self._index = ids
-        self._calls: list[_Call] = []
-        self._recomputing = False
-        ref = weakref.ref(self)   # the hooks must not keep a dropped engine (and its calls) alive
-
-        def record(module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
-            engine = ref()
-            if engine is not None:
-                engine._record(module, args, kwargs, out)
-
-        self._handles = [m.register_forward_hook(record, with_kwargs=True) for m in self.modules]
-        self._finalizer = weakref.finalize(self, _remove, list(self._handles))
+        self._hold(params)
+        self.bucket_size = check_int("bucket_size", bucket_size, who="StreamGradients")
+        self._index = {id(p): k for k, p in enumerate(params)}
         self.num_tasks: int | None = None
         self._K: Tensor | None = None
-        self._orphan_grads: list[Tensor] = []
-        self._pending: list[_Call] = []
-        self._ready = False   # compute ran and apply/discard did not yet
-
-    def matches(self, params: list[Tensor]) -> bool:
-        """True if ``params`` are this engine's shared parameters (same tensors, same order)."""
-        return len(params) == len(self.params) and all(a is b for a, b in zip(params,
-                                                                               self.params))
-
-    def clear(self) -> None:
-        """Forget the module calls recorded since the last ``compute`` (a forward whose losses
-        will not be aggregated keeps its activations alive until then)."""
-        self._calls = []
-
-    def close(self) -> None:
-        """Remove the forward hooks (also done when the engine is garbage-collected)."""
-        self._finalizer()
-        self._handles = []
-
-    def _record(self, module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
-        if self._recomputing or not torch.is_grad_enabled():
-            return
-        if isinstance(out, Tensor) and out.requires_grad:
-            self._calls.append(_Call(module, args, kwargs, out))
+        self._losses: list[Tensor] = []
+        self.kept_numel = 0          # elements the last compute's T passes kept (diagnostics)
 
     # -- compute ---------------------------------------------------------------------------
     def _compute(self, losses: list[Tensor]) -> StreamGradients:
-        calls, self._calls = self._calls, []
-        T, P = len(losses), len(self.params)
+        params = self.params
+        T, P = len(losses), len(params)
         leaves, _ = task_masks(losses)
         masks = [0] * P
         others = []
@@ -143,139 +193,144 @@ class StreamGradients(GradientEngine):
                 others.append(leaf)
             else:
                 masks[k] = mask
-        called = {id(c.module) for c in calls}
-        for m in self.modules:
-            if id(m) not in called and any(masks[self._index[id(p)]]
-                                           for p in m.parameters(recurse=False)
-                                           if id(p) in self._index):
-                raise RuntimeError(
-                    f"StreamGradients recorded no call of {type(m).__name__} (it owns shared "
-                    "parameters the losses reach) since the last compute: create the engine "
-                    "before the forward, and run the forward with grad enabled")
-        inputs = [c.out for c in calls] + self.orphans + others
-        n_calls, n_orph = len(calls), len(self.orphans)
-        deltas: list[list[Tensor | None]] = [[None] * T for _ in calls]
-        orphan: list[list[Tensor | None]] = [[None] * T for _ in self.orphans]
+        groups = _groups(losses, self._index)
+        for g in groups:
+            g.keep_cotangents = self._keeps_cotangents(g, sum(params[k].numel()
+                                                              for k in g.params))
+        edges = [e for g in groups if g.keep_cotangents for e in g.edges]
+        direct = sorted(k for g in groups if not g.keep_cotangents for k in g.params)
+        inputs = edges + [params[k] for k in direct] + others
+        n_e, n_d = len(edges), len(direct)
+        kept: list[list[Tensor | None]] = [[] for _ in range(n_e + n_d)]
         summed: list[Tensor | None] = [None] * len(others)
-        for i, loss in enumerate(losses):
-            grads = torch.autograd.grad(loss, inputs, retain_graph=i < T - 1,
-                                        allow_unused=True)
-            for c in range(n_calls):
-                deltas[c][i] = grads[c]
-            for k in range(n_orph):
-                orphan[k][i] = grads[n_calls + k]
-            for k, g in enumerate(grads[n_calls + n_orph:]):
+        for loss in losses:
+            grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+            for c in range(n_e + n_d):
+                kept[c].append(grads[c])
+            for k, g in enumerate(grads[n_e + n_d:]):
                 if g is not None:
                     summed[k] = g if summed[k] is None else summed[k] + g
+            del grads
         with torch.no_grad():
             for leaf, g in zip(others, summed):   # the heads: Σ_i ∇ L_i, as backward() does
                 if g is not None:
                     leaf.grad = g if leaf.grad is None else leaf.grad.add_(g)
-        acc = torch.float64 if any(p.dtype == torch.float64 for p in self.params) \
+        del summed
+        self.kept_numel = sum(t.numel() for rows in kept for t in rows if t is not None)
+        acc = torch.float64 if any(p.dtype == torch.float64 for p in params) \
             else torch.float32
-        device = self.params[0].device
-        K = torch.zeros(T, T, dtype=acc, device=device)
-        live = []
-        for c, call in enumerate(calls):
-            if all(d is None for d in deltas[c]):
-                continue   # an output no loss depends on (e.g. another forward's): nothing to do
-            call.deltas = torch.stack([d if d is not None else torch.zeros_like(call.out)
-                                       for d in deltas[c]])
-            if not call.linear:
-                call.vjp_fn = self._vjp(call)
-            live.append(call)
-        calls = live
-        for module in dict.fromkeys(c.module for c in calls):   # module by module
-            blocks: dict[int, Tensor] = {}
-            for call in (c for c in calls if c.module is module):
-                for name, g in self._per_task(call).items():
-                    p = getattr(module, name)
-                    if id(p) in self._index:
-                        blocks[id(p)] = g if id(p) not in blocks else blocks[id(p)] + g
-            for g in blocks.values():
-                K += ops.gram(g.reshape(T, -1)).to(device=device, dtype=acc)
-        self._orphan_grads = []
-        for k, p in enumerate(self.orphans):
-            G = torch.stack([g if g is not None else torch.zeros_like(p) for g in orphan[k]])
-            self._orphan_grads.append(G)
-            K += ops.gram(G.reshape(T, -1)).to(device=device, dtype=acc)
+        K = torch.zeros(T, T, dtype=acc, device=params[0].device)
+        for c, k in enumerate(direct):                # the gradients the passes kept
+            rows, kept[n_e + c] = kept[n_e + c], []
+            self._fold(K, [params[k]], lambda i, rows=rows: [rows[i]])
+            del rows
+        start = 0
+        for g in groups:
+            if not g.keep_cotangents:
+                continue
+            deltas = kept[start:start + len(g.edges)]    # the edges are in group order
+            for c in range(start, start + len(g.edges)):
+                kept[c] = []
+            start += len(g.edges)
+            for block in self._blocks(params, sorted(g.params), T):
+                ps = [params[k] for k in block]
+                self._fold(K, ps, partial(self._vjp, g, ps, deltas))
+            del deltas
         self._K = K
         self._reached = torch.tensor([[bool(m >> i & 1) for m in masks] for i in range(T)],
                                      dtype=torch.bool).reshape(T, P)
-        self._pending, self._ready = calls, True
+        self._losses = losses
         self.num_tasks = T
         return self
 
-    def _vjp(self, call: _Call):
-        """The VJP of the module alone w.r.t. its parameters at the recorded arguments."""
-        module = call.module
-        params = {n: p.detach() for n, p in module.named_parameters(recurse=False)}
-        args = tuple(a.detach() if isinstance(a, Tensor) else a for a in call.args)
-        kwargs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in call.kwargs.items()}
-        norm = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
-        saved = module.track_running_stats if norm else None
-        self._recomputing = True
-        if norm:
-            module.track_running_stats = False   # batch statistics, running stats untouched
-        try:
-            _, fn = vjp(lambda p: functional_call(module, p, args, kwargs), params)
-        finally:
-            self._recomputing = False
-            if norm:
-                module.track_running_stats = saved
-        return fn
+    @staticmethod
+    def _keeps_cotangents(group: _Group, param_numel: int) -> bool:
+        """Keep the T cotangents at the group's outputs (else its T parameter gradients):
+        when they are fewer elements and the group's VJP is its own (``isolated``)."""
+        return group.isolated and group.out_numel < param_numel
+
+    def _blocks(self, params: list[Tensor], ks: list[int], T: int) -> list[list[int]]:
+        """Parameter indices in blocks whose T gradients fit ``bucket_size`` (a parameter
+        larger than that is a block of its own, folded a few tasks at a time)."""
+        cap = max(1, self.bucket_size // T)
+        blocks, cur, size = [], [], 0
+        for k in ks:
+            n = params[k].numel()
+            if cur and size + n > cap:
+                blocks.append(cur)
+                cur, size = [], 0
+            cur.append(k)
+            size += n
+        return blocks + [cur] if cur else blocks
+
+    def _fold(self, K: Tensor, params: list[Tensor], row) -> None:
+        """K += G_b G_bᵀ for a block of parameters whose gradients for task i are ``row(i)``
+        (None: no gradient). All T rows at once when T × the block fits ``bucket_size``; else
+        c = bucket_size // block tasks at a time: the diagonal (c, c) part by ``ops.gram``,
+        the rest one task's row at a time against the c held ones (``row`` is called about
+        T + T² / 2c times instead of T)."""
+        T = K.shape[0]
+        n = sum(p.numel() for p in params)
+        c = min(T, max(1, self.bucket_size // n))
+
+        def rows(tasks: range) -> list[Tensor]:   # per parameter: (len(tasks), numel)
+            got = [row(i) for i in tasks]
+            return [torch.stack([r[j] if r[j] is not None else torch.zeros_like(p)
+                                 for r in got]).reshape(len(tasks), -1)
+                    for j, p in enumerate(params)]
+
+        for a in range(0, T, c):
+            held = rows(range(a, min(a + c, T)))
+            b = a + held[0].shape[0]
+            for G in held:
+                K[a:b, a:b] += ops.gram(G).to(device=K.device, dtype=K.dtype)
+            if b == T:
+                continue
+            held = [G.to(K.dtype) for G in held]
+            for j in range(b, T):
+                r = rows(range(j, j + 1))
+                v = sum(H @ g[0].to(device=H.device, dtype=K.dtype) for H, g in zip(held, r))
+                v = v.to(K.device)
+                K[a:b, j] += v
+                K[j, a:b] += v
 
     @staticmethod
-    def _per_task(call: _Call) -> dict[str, Tensor]:
-        """{parameter name: (T, *p.shape)} for one call: closed form for a Linear, else the
-        vmapped VJP, else a loop of T VJPs (an op without a batching rule)."""
-        if call.linear:
-            x = call.rows()
-            d = call.deltas.reshape(call.deltas.shape[0], -1, call.deltas.shape[-1])
-            out = {"weight": torch.matmul(d.mT, x.to(d.dtype))}
-            if call.module.bias is not None:
-                out["bias"] = d.sum(1)
-            return out
+    def _vjp(group: _Group, params: list[Tensor], deltas: list[list], i: int
+             ) -> list[Tensor | None]:
+        """Task i's gradients of ``params`` from the group's consumers at their kept
+        cotangents (the group is isolated: its VJP reaches its parameters alone)."""
+        outs = [(e, d[i]) for e, d in zip(group.edges, deltas) if d[i] is not None]
+        if not outs:
+            return [None] * len(params)
         try:
-            (g,) = vmap(call.vjp_fn)(call.deltas)
-            return g
-        except RuntimeError:
-            rows = [call.vjp_fn(d)[0] for d in call.deltas]
-            return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
+            return list(torch.autograd.grad([e for e, _ in outs], params,
+                                            grad_outputs=[d for _, d in outs],
+                                            retain_graph=True, allow_unused=True))
+        except RuntimeError as err:
+            names = ", ".join(dict.fromkeys(n.name() for n in group.nodes))
+            raise RuntimeError(
+                f"StreamGradients: the backward of {names} could not be run again from its "
+                f"output cotangent ({err}); use engine='loop'") from err
 
     # -- read-out ---------------------------------------------------------------------------
     def gram(self) -> Tensor:
-        """K = Σ_m G_m G_mᵀ (T, T): float32, float64 if a shared parameter is float64."""
+        """K = Σ_blocks G_b G_bᵀ (T, T): float32, float64 if a shared parameter is float64."""
         self._require_computed()
         return self._K
 
     def direction(self, w: Tensor) -> list[Tensor]:
-        """d_p = Σ_i w_i ∇_p L_i per shared parameter (shaped like it), by one VJP per module
-        call with the weighted cotangent Σ_i w_i δ_i."""
+        """d_p = Σ_i w_i ∇_p L_i per shared parameter (shaped like it), by one backward pass
+        of Σ_i w_i L_i into the shared parameters (it frees the graph)."""
         w = self._check_weights(w)
-        if not self._ready:
+        if not self._losses:
             raise RuntimeError("StreamGradients: call compute(losses) first (each compute "
                                "allows one apply)")
-        out: list[Tensor | None] = [None] * len(self.params)
-        with torch.no_grad():
-            for call in self._pending:
-                wd = torch.tensordot(w.to(device=call.deltas.device, dtype=call.deltas.dtype),
-                                     call.deltas, dims=1)
-                if call.linear:
-                    wd = wd.reshape(-1, wd.shape[-1])
-                    grads = {"weight": wd.mT @ call.rows().to(wd.dtype)}
-                    if call.module.bias is not None:
-                        grads["bias"] = wd.sum(0)
-                else:
-                    (grads,) = call.vjp_fn(wd)
-                for name, g in grads.items():
-                    k = self._index.get(id(getattr(call.module, name)))
-                    if k is not None:
-                        out[k] = g if out[k] is None else out[k] + g
-            for p, G in zip(self.orphans, self._orphan_grads):
-                k = self._index[id(p)]
-                out[k] = torch.tensordot(w.to(device=G.device, dtype=G.dtype), G, dims=1)
-        return [torch.zeros_like(p) if d is None else d for p, d in zip(self.params, out)]
+        losses, self._losses = self._losses, []
+        weights = [w[i].to(device=loss.device, dtype=loss.dtype) for i, loss in
+                   enumerate(losses)]
+        params = self.params
+        grads = torch.autograd.grad(losses, params, grad_outputs=weights, allow_unused=True)
+        return [torch.zeros_like(p) if d is None else d for p, d in zip(params, grads)]
 
     def apply(self, w: Tensor, *, return_direction: bool = False) -> list[Tensor] | None:
         """``p.grad += d_p`` for each shared p a task reached (None stays None otherwise)."""
@@ -285,9 +340,8 @@ class StreamGradients(GradientEngine):
             for p, dp, on in zip(self.params, d, active):
                 if on:
                     p.grad = dp if p.grad is None else p.grad.add_(dp)
-        self.discard()
         return d if return_direction else None
 
     def discard(self) -> None:
-        """Drop the cotangents and VJPs kept for ``apply``."""
-        self._pending, self._orphan_grads, self._ready = [], [], False
+        """Drop the losses kept for ``apply`` (their graph is freed with them)."""
+        self._losses = []

@@ -22,15 +22,14 @@ the same; a different T reallocates them. The object holds its parameters by wea
 from __future__ import annotations
 
 import warnings
-import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 from fastmtl import ops
 from fastmtl._checks import check_engine_name, check_shared_params
-from fastmtl.engine.base import GradientEngine, auto_mode
+from fastmtl.engine.base import ParameterEngine, auto_mode
 from fastmtl.engine.buffer import ParamGroup, group_params
 from fastmtl.engine.loop import loop_compute
 from fastmtl.engine.vmap import VmapUnsupportedError, vmap_compute
@@ -39,36 +38,17 @@ from fastmtl.ops._common import acc_dtype
 __all__ = ["TaskGradients"]
 
 
-class TaskGradients(GradientEngine):
+class TaskGradients(ParameterEngine):
     """Per-task gradients of ``shared_params`` in one (T, N) buffer per (device, dtype) group."""
 
     def __init__(self, shared_params: Iterable[Tensor], engine: str = "auto") -> None:
         params = check_shared_params(shared_params)
-        for k, p in enumerate(params):
-            if not p.is_floating_point():
-                raise TypeError(f"shared_params[{k}] must be floating point, got {p.dtype}")
-        self.engine = check_engine_name(engine)
-        self._refs = [weakref.ref(p) for p in params]
+        self._hold(params)
+        self.engine = check_engine_name(engine, who="TaskGradients")
         self.groups: list[ParamGroup] = group_params(params)
         self.num_tasks: int | None = None
         self.mode: str | None = None          # the mode the last compute used
         self._vmap_ok: bool | None = None     # auto: None untried, True worked, False failed
-
-    # -- parameters ------------------------------------------------------------------------
-    @property
-    def params(self) -> list[Tensor]:
-        out = []
-        for k, ref in enumerate(self._refs):
-            p = ref()
-            if p is None:
-                raise RuntimeError(f"TaskGradients: shared parameter {k} was freed")
-            out.append(p)
-        return out
-
-    def matches(self, params: Sequence[Tensor]) -> bool:
-        """True if ``params`` are this object's parameters (same tensors, same order)."""
-        return len(params) == len(self._refs) and all(
-            ref() is p for ref, p in zip(self._refs, params))
 
     # -- compute ----------------------------------------------------------------------------
     def _mode(self, device: torch.device, T: int) -> str:

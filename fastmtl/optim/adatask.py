@@ -99,7 +99,7 @@ class _AdaTask(Optimizer):
                                          or not moment_dtype.is_floating_point):
             raise TypeError(f"moment_dtype must be a floating torch.dtype, got {moment_dtype!r}")
         self.moment_dtype = moment_dtype
-        self.engine_name = check_engine_name(engine)
+        self.engine_name = check_engine_name(engine, who="AdaTask")
         defaults = dict(defaults, shared=False)
         for key in ("foreach", "fused"):
             if defaults[key] is not None:

@@ -98,7 +98,7 @@ class PCGrad(OptimizerWrapper):
         seed = check_seed(seed)
         self._reduction = reduction
         self.seed = seed
-        self.engine = check_engine_name(engine)
+        self.engine = check_engine_name(engine, who="fm.optim.PCGrad")
         self.calls = 0
         self.last_orders: Tensor | None = None
         self._task_gradients: TaskGradients | None = None
