@@ -16,6 +16,7 @@ from torch import nn
 import fastmtl as fm
 from fastmtl.aggregators import MGDA, Aggregator, UPGrad
 from fastmtl.engine import StreamGradients, TaskGradients
+from fastmtl.engine import stream as stream_module
 
 T = 3
 
@@ -124,7 +125,12 @@ def _data(kind: str):
 @pytest.mark.parametrize("aggregator", [Fixed([0.5, -1.0, 2.0]), MGDA(), UPGrad()],
                          ids=["fixed", "mgda", "upgrad"])
 @pytest.mark.parametrize("make", [_stream, _stream_cotangents], ids=["default", "cotangents"])
-def test_stream_equals_loop(kind, aggregator, make):
+@pytest.mark.parametrize("trick", [False, True], ids=["vjp", "linear-gram"])
+def test_stream_equals_loop(kind, aggregator, make, trick, monkeypatch):
+    """``trick``: the Linear layers' blocks of K from x xᵀ and the cotangents (else VJPs)."""
+    used = []
+    monkeypatch.setattr(stream_module, "_prefers_gram_trick",
+                        lambda *args: used.append(1) or trick)
     torch.manual_seed(0)
     model = MODELS[kind]().double()
     x, y = _data(kind)
@@ -142,6 +148,8 @@ def test_stream_equals_loop(kind, aggregator, make):
         assert torch.equal(b_str[name], b), name
     if kind == "cnn":
         assert g_loop["unused.weight"] is None and not sg.reached[:, -1].any()
+    if make is _stream_cotangents and kind != "cnn":
+        assert used                               # Linear layers met the choice
 
 
 def test_stream_holds_no_task_by_parameter_matrix():
@@ -280,9 +288,11 @@ def test_an_op_that_cannot_run_again_is_named():
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_bf16_model(kind):
+@pytest.mark.parametrize("trick", [False, True], ids=["vjp", "linear-gram"])
+def test_bf16_model(kind, trick, monkeypatch):
     """A bfloat16 model runs end to end; K accumulates in float32; .grad is within bf16
     rounding of the loop engine's."""
+    monkeypatch.setattr(stream_module, "_prefers_gram_trick", lambda *args: trick)
     torch.manual_seed(0)
     model = MODELS[kind]().bfloat16()
     x, y = (t.bfloat16() for t in _data(kind))

@@ -46,9 +46,10 @@ from fastmtl._checks import check_int, check_shared_params
 from fastmtl.engine.base import ParameterEngine
 from fastmtl.engine.graph import children, task_masks, topological
 
-__all__ = ["DEFAULT_BUCKET_SIZE", "StreamGradients"]
+__all__ = ["BUCKET_FRACTION", "MIN_BUCKET", "StreamGradients"]
 
-DEFAULT_BUCKET_SIZE = 1 << 27   # per-task gradient elements held at once: 128M (fp32: 512 MiB)
+BUCKET_FRACTION = 8            # default bucket: 1/8 of the loop engine's T × N ...
+MIN_BUCKET = 1 << 20           # ... and at least 1M elements
 
 
 @dataclass
@@ -147,6 +148,83 @@ def _groups(losses: list[Tensor], index: dict[int, int]) -> list[_Group]:
     return list(groups.values())
 
 
+@dataclass
+class _Linear:
+    """y = x Wᵀ (+ b) as recorded by an ``addmm``/``mm`` node: its input x (M, in)."""
+    x: Tensor
+    out: int
+    bias: bool
+
+
+def _linear(group: _Group, index: dict[int, int]) -> _Linear | None:
+    """The group as a Linear layer, if it is exactly one: one ``AddmmBackward0`` (α = β = 1,
+    a 1-D bias) or ``MmBackward0`` node whose parameters are W (through ``Wᵀ``) and b."""
+    if len(group.nodes) != 1 or len(group.edges) != 1:
+        return None
+    node = group.nodes[0]
+    kids = node.next_functions
+    name = node.name()
+    if name == "AddmmBackward0" and node._saved_alpha == 1 and node._saved_beta == 1:
+        x, (b_node, _), (t_node, _) = node._saved_mat1, kids[0], kids[2]
+    elif name == "MmBackward0":
+        x, b_node, (t_node, _) = node._saved_self, None, kids[1]
+    else:
+        return None
+    if t_node is None or t_node.name() != "TBackward0":
+        return None
+    w_nodes = [c for c, _ in t_node.next_functions if c is not None]
+    if len(w_nodes) != 1 or id(getattr(w_nodes[0], "variable", None)) not in index:
+        return None
+    w = w_nodes[0].variable
+    n_params = 1
+    if b_node is not None:
+        b = getattr(b_node, "variable", None)
+        if id(b) not in index or b.dim() != 1 or b.shape[0] != w.shape[0]:
+            return None
+        n_params = 2
+    if len(group.params) != n_params or x.dim() != 2 or x.shape[1] != w.shape[1]:
+        return None
+    return _Linear(x, w.shape[0], b_node is not None)
+
+
+def _prefers_gram_trick(lin: _Linear, deltas: list, T: int, bucket: int) -> bool:
+    """Flops of K_W by ``_fold_linear`` (T(T+1)/2 · M² · out + M² · in) against the VJPs
+    (T of them, or more when the block is folded a few tasks at a time, M · in · out each,
+    and the Gram of T rows of in · out)."""
+    M, n_in = lin.x.shape
+    n = n_in * lin.out + lin.out * lin.bias
+    c = min(T, max(1, bucket // n))
+    vjps = T if c >= T else T / 2 + T * T / (2 * c)
+    trick = T * (T + 1) / 2 * M * M * lin.out + M * M * n_in
+    return trick < vjps * M * n_in * lin.out + T * T * n / 2
+
+
+def _fold_linear(K: Tensor, lin: _Linear, deltas: list) -> None:
+    """K += G_W G_Wᵀ (+ G_b G_bᵀ) of a Linear layer from its input and the T cotangents at
+    its output, G_W,i = δ_iᵀ x, without forming G_W:
+
+        ⟨δ_iᵀ x, δ_jᵀ x⟩ = Σ_{a,b} (x xᵀ)_{ab} (δ_i δ_jᵀ)_{ab},
+        ⟨G_b,i, G_b,j⟩ = (Σ_a δ_i,a) · (Σ_a δ_j,a)
+
+    in K's dtype, one task's row of pairs (δ_i against δ_1..δ_i) at a time."""
+    T = K.shape[0]
+    x = lin.x.detach().to(device=K.device, dtype=K.dtype)
+    M = x.shape[0]
+    X = x @ x.mT                                          # (M, M)
+    D = torch.stack([d.reshape(M, lin.out) if d is not None
+                     else torch.zeros(M, lin.out, dtype=x.dtype, device=x.device)
+                     for d in deltas]).to(device=K.device, dtype=K.dtype)   # (T, M, out)
+    flat = D.reshape(T * M, lin.out)
+    for i in range(T):
+        Q = (D[i] @ flat[:(i + 1) * M].mT).reshape(M, i + 1, M)
+        k = torch.einsum("ajb,ab->j", Q, X)
+        K[i, :i + 1] += k
+        K[:i, i] += k[:i]
+    if lin.bias:
+        s = D.sum(1)
+        K += s @ s.mT
+
+
 class StreamGradients(ParameterEngine):
     """Per-task gradients folded into K block by block, never held as a (T, N) matrix.
 
@@ -156,7 +234,9 @@ class StreamGradients(ParameterEngine):
             folded: parameters are folded in blocks of at most ``bucket_size // T`` elements
             with all T tasks at once; a larger parameter is a block of its own, folded
             ``bucket_size // numel`` tasks at a time (at least one: one task's gradient of one
-            parameter is the floor) at the price of more VJPs (``_fold``).
+            parameter is the floor) at the price of more VJPs (``_fold``: T/2 + T²/2c instead
+            of T for c tasks at a time). None (default): ``1/BUCKET_FRACTION`` of T × N (what
+            the loop engine would hold), at least ``MIN_BUCKET``.
 
     Use it by name (``engine="stream"``: ``mtl_backward`` keeps one per set of shared
     parameters) or pass an instance as ``engine=``; "auto" picks it when the (T, N) buffer
@@ -166,14 +246,15 @@ class StreamGradients(ParameterEngine):
     """
 
     def __init__(self, shared_params: Iterable[Tensor], *,
-                 bucket_size: int = DEFAULT_BUCKET_SIZE) -> None:
+                 bucket_size: int | None = None) -> None:
         if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
             raise RuntimeError("StreamGradients needs torch >= 2.5 (gradients with respect to "
                                f"graph edges); this is torch {torch.__version__}: use "
                                "engine='loop'")
         params = check_shared_params(shared_params)
         self._hold(params)
-        self.bucket_size = check_int("bucket_size", bucket_size, who="StreamGradients")
+        self.bucket_size = check_int("bucket_size", bucket_size, who="StreamGradients",
+                                     none_ok=True)
         self._index = {id(p): k for k, p in enumerate(params)}
         self.num_tasks: int | None = None
         self._K: Tensor | None = None
@@ -222,8 +303,9 @@ class StreamGradients(ParameterEngine):
         K = torch.zeros(T, T, dtype=acc, device=params[0].device)
         for c, k in enumerate(direct):                # the gradients the passes kept
             rows, kept[n_e + c] = kept[n_e + c], []
-            self._fold(K, [params[k]], lambda i, rows=rows: [rows[i]])
+            self._fold(K, [params[k]], lambda i, rows=rows: [rows[i]], None)
             del rows
+        bucket = self._bucket(params, T)
         start = 0
         for g in groups:
             if not g.keep_cotangents:
@@ -232,9 +314,13 @@ class StreamGradients(ParameterEngine):
             for c in range(start, start + len(g.edges)):
                 kept[c] = []
             start += len(g.edges)
-            for block in self._blocks(params, sorted(g.params), T):
-                ps = [params[k] for k in block]
-                self._fold(K, ps, partial(self._vjp, g, ps, deltas))
+            linear = _linear(g, self._index)
+            if linear is not None and _prefers_gram_trick(linear, deltas[0], T, bucket):
+                _fold_linear(K, linear, deltas[0])
+            else:
+                for block in self._blocks(params, sorted(g.params), T, bucket):
+                    ps = [params[k] for k in block]
+                    self._fold(K, ps, partial(self._vjp, g, ps, deltas), bucket)
             del deltas
         self._K = K
         self._reached = torch.tensor([[bool(m >> i & 1) for m in masks] for i in range(T)],
@@ -249,10 +335,16 @@ class StreamGradients(ParameterEngine):
         when they are fewer elements and the group's VJP is its own (``isolated``)."""
         return group.isolated and group.out_numel < param_numel
 
-    def _blocks(self, params: list[Tensor], ks: list[int], T: int) -> list[list[int]]:
+    def _bucket(self, params: list[Tensor], T: int) -> int:
+        if self.bucket_size is not None:
+            return self.bucket_size
+        return max(MIN_BUCKET, T * sum(p.numel() for p in params) // BUCKET_FRACTION)
+
+    @staticmethod
+    def _blocks(params: list[Tensor], ks: list[int], T: int, bucket: int) -> list[list[int]]:
         """Parameter indices in blocks whose T gradients fit ``bucket_size`` (a parameter
         larger than that is a block of its own, folded a few tasks at a time)."""
-        cap = max(1, self.bucket_size // T)
+        cap = max(1, bucket // T)
         blocks, cur, size = [], [], 0
         for k in ks:
             n = params[k].numel()
@@ -263,21 +355,32 @@ class StreamGradients(ParameterEngine):
             size += n
         return blocks + [cur] if cur else blocks
 
-    def _fold(self, K: Tensor, params: list[Tensor], row) -> None:
+    @staticmethod
+    def _fold(K: Tensor, params: list[Tensor], row, bucket: int | None) -> None:
         """K += G_b G_bᵀ for a block of parameters whose gradients for task i are ``row(i)``
-        (None: no gradient). All T rows at once when T × the block fits ``bucket_size``; else
-        c = bucket_size // block tasks at a time: the diagonal (c, c) part by ``ops.gram``,
-        the rest one task's row at a time against the c held ones (``row`` is called about
-        T + T² / 2c times instead of T)."""
+        (None: no gradient). All T rows at once when T × the block fits ``bucket`` (or it is
+        None: the rows exist already); else c = bucket // block tasks at a time: the diagonal
+        (c, c) part by ``ops.gram``, the rest one task's row at a time against the c held
+        ones (``row`` is called about T/2 + T²/2c times instead of T)."""
         T = K.shape[0]
         n = sum(p.numel() for p in params)
-        c = min(T, max(1, self.bucket_size // n))
+        c = T if bucket is None else min(T, max(1, bucket // n))
+
+        flip = [False] * len(params)   # rows hold Wᵀ where a VJP returns W transposed
 
         def rows(tasks: range) -> list[Tensor]:   # per parameter: (len(tasks), numel)
-            got = [row(i) for i in tasks]
-            return [torch.stack([r[j] if r[j] is not None else torch.zeros_like(p)
-                                 for r in got]).reshape(len(tasks), -1)
-                    for j, p in enumerate(params)]
+            out = [torch.empty(len(tasks), p.numel(), dtype=p.dtype, device=p.device)
+                   for p in params]
+            for t, i in enumerate(tasks):         # each task's row copied in, then freed
+                for j, (G, g) in enumerate(zip(out, row(i))):
+                    if g is None:
+                        G[t].zero_()
+                        continue
+                    if i == 0:   # any order of the entries, the same in every row, keeps K
+                        flip[j] = g.dim() == 2 and not g.is_contiguous() and g.mT.is_contiguous()
+                    src = g.mT if flip[j] else g
+                    G[t].view(src.shape).copy_(src)
+            return out
 
         for a in range(0, T, c):
             held = rows(range(a, min(a + c, T)))
