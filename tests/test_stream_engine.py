@@ -308,3 +308,33 @@ def test_bf16_model(kind, trick, monkeypatch):
             continue
         assert g_str[name].dtype == torch.bfloat16
         assert (g_str[name].double() - g.double()).abs().max() <= 2 ** -6 * scale, name
+
+
+@pytest.mark.parametrize("op", ["linear", "linear-nobias", "conv", "conv-strided"])
+def test_gram_of_a_matrix_product_from_its_input(op):
+    """``_fold_linear``: K of a Linear or Conv2d layer's weight (and bias) from its input rows
+    and the T output cotangents equals G Gᵀ of the weight gradients autograd gives."""
+    from fastmtl.engine.stream import _fold_linear, _groups, _linear
+
+    torch.manual_seed(0)
+    layer = {"linear": lambda: nn.Linear(7, 5),
+             "linear-nobias": lambda: nn.Linear(7, 5, bias=False),
+             "conv": lambda: nn.Conv2d(3, 4, 3, padding=1),
+             "conv-strided": lambda: nn.Conv2d(3, 4, (3, 2), stride=2, padding=(1, 0),
+                                               dilation=(1, 2))}[op]().double()
+    x = torch.randn(6, 7 if op.startswith("linear") else 3, *(() if op.startswith("linear")
+                                                              else (9, 8)),
+                    dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    deltas = [torch.randn_like(y) for _ in range(4)]
+    params = list(layer.parameters())
+    G = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        y, params, d, retain_graph=True)]) for d in deltas])
+    groups, _ = _groups([(y * d).sum() for d in deltas], {id(p): k for k, p in
+                                                         enumerate(params)})
+    (group,) = groups
+    lin = _linear(group, {id(p): k for k, p in enumerate(params)})
+    assert lin is not None
+    K = torch.zeros(4, 4, dtype=torch.float64)
+    _fold_linear(K, lin, deltas)
+    torch.testing.assert_close(K, G @ G.T, rtol=1e-10, atol=1e-10)

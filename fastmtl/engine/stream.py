@@ -64,14 +64,27 @@ class _Group:
     keep_cotangents: bool = True
 
 
-def _out_numel(node: object, nr: int) -> int | None:
+_UNKNOWN = 1 << 62   # the size of an output whose shape the node does not tell: never chosen
+
+
+def _out_numel(node: object, nr: int) -> int:
     meta = getattr(node, "_input_metadata", None)   # the shapes of the node's forward outputs
     if meta is None or nr >= len(meta):
-        return None
+        return _UNKNOWN
     return int(torch.Size(meta[nr].shape).numel())
 
 
-def _groups(losses: list[Tensor], index: dict[int, int]) -> list[_Group]:
+@dataclass
+class _Graph:
+    """The losses' graph as ``_groups`` read it: nodes parents first, their parent counts,
+    the parametric ones, and the ``AccumulateGrad`` node of each leaf."""
+    order: list
+    parents: dict
+    under: dict
+    leaf_nodes: dict
+
+
+def _groups(losses: list[Tensor], index: dict[int, int]) -> tuple[list[_Group], _Graph]:
     """The consumers of the shared parameters in the losses' graph, grouped by shared
     parameters (connected components), with their used outputs.
 
@@ -93,9 +106,11 @@ def _groups(losses: list[Tensor], index: dict[int, int]) -> list[_Group]:
         parents[id(e.node)] = parents.get(id(e.node), 0) + 1
     under: dict[int, int] = {}      # parametric node -> the index of its parameter
     alone: dict[int, bool] = {}     # ... and whether its chain has single parents only
+    leaf_nodes: dict[int, object] = {}
     for node in reversed(order):    # children first
         var = getattr(node, "variable", None)
         if isinstance(var, Tensor):
+            leaf_nodes[id(var)] = node
             if id(var) in index:
                 under[id(node)] = index[id(var)]
                 alone[id(node)] = parents[id(node)] == 1
@@ -143,77 +158,201 @@ def _groups(losses: list[Tensor], index: dict[int, int]) -> list[_Group]:
         g.isolated = g.isolated and isolated
         for nr in sorted(used[key]):
             g.edges.append(GradientEdge(node, nr))
-            n = _out_numel(node, nr)
-            g.out_numel += n if n is not None else 1 << 62   # unknown: keep the gradients
-    return list(groups.values())
+            g.out_numel += _out_numel(node, nr)
+    return list(groups.values()), _Graph(order, parents, under, leaf_nodes)
+
+
+@dataclass
+class _Target:
+    """What a segment's passes capture: a group's cotangents ("cot"), a parameter's gradient
+    ("dir") or a head's ("head"); ``node`` places it in the graph, ``size`` per task."""
+    kind: str
+    key: int                  # group index, shared-parameter index, or head index
+    node: object
+    edges: list
+    size: int
+
+
+@dataclass
+class _Segment:
+    targets: list
+    cut: list                 # the GradientEdges carried to the next segment
+
+
+def _segments(losses: list[Tensor], graph: _Graph, targets: list[_Target], T: int,
+              threshold: int) -> list[_Segment]:
+    """Cut the backward into segments, each captured by T passes of its own.
+
+    The nodes that lead to a target are walked in a topological order (Kahn's, depth first;
+    leaves and one-input chains to one, such as ``Wᵀ``, right after their op). Between two
+    segments the T cotangents at the open edges (the cut) are carried; a segment's targets are
+    folded and freed before the next one runs. A segment closes once its captures reach
+    ``threshold`` elements, where the cut is no larger than them (a cut through the large
+    activations of a CNN's first layers would cost more than it frees), the losses are behind
+    and the cut enters one node (between two blocks of a network). One segment when
+    everything fits.
+    """
+    at: dict[int, list[_Target]] = {}
+    for t in targets:
+        at.setdefault(id(t.node), []).append(t)
+    needed: set[int] = set()
+    side: set[int] = set()    # leaves and one-child chains to one (Wᵀ): visited first
+    for node in reversed(graph.order):                # children first
+        kids = [c for c, _ in children(node) if id(c) in needed]
+        if id(node) in at or kids:
+            needed.add(id(node))
+            if (not kids and isinstance(getattr(node, "variable", None), Tensor)) or (
+                    len(kids) == 1 and id(kids[0]) in side):
+                side.add(id(node))
+    indegree: dict[int, int] = {}
+    for node in graph.order:
+        if id(node) in needed:
+            for c, _ in children(node):
+                if id(c) in needed:
+                    indegree[id(c)] = indegree.get(id(c), 0) + 1
+    roots = [get_gradient_edge(loss).node for loss in losses]
+    root_ids = {id(r) for r in roots if id(r) in needed}   # all in the first segment
+    main: list = []
+    chain: list = []                                  # side nodes: visited first
+    seen: set[int] = set()
+    for r in roots:
+        if id(r) in needed and indegree.get(id(r), 0) == 0 and id(r) not in seen:
+            seen.add(id(r))
+            main.append(r)
+    segments: list[_Segment] = []
+    open_edges: dict[tuple[int, int], tuple[GradientEdge, int]] = {}
+    current: list[_Target] = []
+    pending = 0
+    while main or chain:
+        u = chain.pop() if chain else main.pop()
+        for key in [k for k in open_edges if k[0] == id(u)]:
+            del open_edges[key]
+        for c, nr in children(u):
+            if id(c) not in needed:
+                continue
+            open_edges.setdefault((id(c), nr), (GradientEdge(c, nr), _out_numel(c, nr)))
+            indegree[id(c)] -= 1
+            if indegree[id(c)] == 0:
+                (chain if id(c) in side else main).append(c)
+        for t in at.get(id(u), ()):
+            current.append(t)
+            pending += T * t.size
+        if id(u) in root_ids:
+            root_ids.discard(id(u))
+        cut = T * sum(n for _, n in open_edges.values())
+        # a cut into one node only: through two, the passes of this segment could run the
+        # graph from one to the other, and the next segment's would run it again
+        if (pending >= threshold and cut <= pending and (main or chain) and not root_ids
+                and len({k[0] for k in open_edges}) == 1):
+            segments.append(_Segment(current, [e for e, _ in open_edges.values()]))
+            current, pending = [], 0
+    segments.append(_Segment(current, []))
+    return segments
 
 
 @dataclass
 class _Linear:
-    """y = x Wᵀ (+ b) as recorded by an ``addmm``/``mm`` node: its input x (M, in)."""
-    x: Tensor
+    """An op that is a matrix product in its weight: y = x Wᵀ (+ b), as ``addmm``/``mm``
+    record a Linear layer, or a 2-D convolution on its unfolded input (im2col): its input as
+    a matrix x (M, n_in), lazily, and its output cotangent as (M, out)."""
+    x: object                 # () -> (M, n_in)
+    m: int
+    n_in: int
     out: int
     bias: bool
+    rows: object = None       # δ -> (M, out); None: δ is (M, out) already
+
+
+def _shared_leaf(node: object, index: dict[int, int]) -> Tensor | None:
+    var = getattr(node, "variable", None) if node is not None else None
+    return var if id(var) in index else None
 
 
 def _linear(group: _Group, index: dict[int, int]) -> _Linear | None:
-    """The group as a Linear layer, if it is exactly one: one ``AddmmBackward0`` (α = β = 1,
-    a 1-D bias) or ``MmBackward0`` node whose parameters are W (through ``Wᵀ``) and b."""
+    """The group as one matrix product in its weight, if it is: one ``AddmmBackward0``
+    (α = β = 1, a 1-D bias) or ``MmBackward0`` node whose weight comes through ``Wᵀ``, or one
+    ``ConvolutionBackward0`` (2-D, not transposed, one group) on shared weight and bias."""
     if len(group.nodes) != 1 or len(group.edges) != 1:
         return None
     node = group.nodes[0]
     kids = node.next_functions
     name = node.name()
-    if name == "AddmmBackward0" and node._saved_alpha == 1 and node._saved_beta == 1:
-        x, (b_node, _), (t_node, _) = node._saved_mat1, kids[0], kids[2]
-    elif name == "MmBackward0":
-        x, b_node, (t_node, _) = node._saved_self, None, kids[1]
+    if name in ("AddmmBackward0", "MmBackward0"):
+        if name == "AddmmBackward0":
+            if node._saved_alpha != 1 or node._saved_beta != 1:
+                return None
+            x, b_node, t_node = node._saved_mat1, kids[0][0], kids[2][0]
+        else:
+            x, b_node, t_node = node._saved_self, None, kids[1][0]
+        if t_node is None or t_node.name() != "TBackward0":
+            return None
+        w_nodes = [c for c, _ in t_node.next_functions if c is not None]
+        w = _shared_leaf(w_nodes[0], index) if len(w_nodes) == 1 else None
+        if w is None or x.dim() != 2 or x.shape[1] != w.shape[1]:
+            return None
+        lin = _Linear(lambda: x, x.shape[0], x.shape[1], w.shape[0], False)
+    elif name == "ConvolutionBackward0":
+        if node._saved_transposed or node._saved_groups != 1 or len(kids) != 3:
+            return None
+        x, w = node._saved_input, _shared_leaf(kids[1][0], index)
+        b_node = kids[2][0]
+        if w is None or x.dim() != 4:
+            return None
+        out_shape = node._input_metadata[0].shape     # (B, out, H', W')
+        k = tuple(w.shape[2:])
+        stride, pad, dil = node._saved_stride, node._saved_padding, node._saved_dilation
+
+        def unfolded() -> Tensor:
+            cols = torch.nn.functional.unfold(x, k, dilation=dil, padding=pad, stride=stride)
+            return cols.mT.reshape(-1, cols.shape[1])        # (B·L, in·kh·kw)
+
+        lin = _Linear(unfolded, out_shape[0] * out_shape[2] * out_shape[3],
+                      w[0].numel(), w.shape[0], False,
+                      lambda d: d.permute(0, 2, 3, 1).reshape(-1, d.shape[1]))
     else:
         return None
-    if t_node is None or t_node.name() != "TBackward0":
-        return None
-    w_nodes = [c for c, _ in t_node.next_functions if c is not None]
-    if len(w_nodes) != 1 or id(getattr(w_nodes[0], "variable", None)) not in index:
-        return None
-    w = w_nodes[0].variable
     n_params = 1
     if b_node is not None:
-        b = getattr(b_node, "variable", None)
-        if id(b) not in index or b.dim() != 1 or b.shape[0] != w.shape[0]:
+        b = _shared_leaf(b_node, index)
+        if b is None or b.dim() != 1 or b.shape[0] != lin.out:
             return None
-        n_params = 2
-    if len(group.params) != n_params or x.dim() != 2 or x.shape[1] != w.shape[1]:
-        return None
-    return _Linear(x, w.shape[0], b_node is not None)
+        lin.bias, n_params = True, 2
+    return lin if len(group.params) == n_params else None
 
 
-def _prefers_gram_trick(lin: _Linear, deltas: list, T: int, bucket: int) -> bool:
-    """Flops of K_W by ``_fold_linear`` (T(T+1)/2 · M² · out + M² · in) against the VJPs
-    (T of them, or more when the block is folded a few tasks at a time, M · in · out each,
-    and the Gram of T rows of in · out)."""
-    M, n_in = lin.x.shape
-    n = n_in * lin.out + lin.out * lin.bias
+def _prefers_gram_trick(lin: _Linear, T: int, bucket: int) -> bool:
+    """Flops of K_W by ``_fold_linear`` (T(T+1)/2 · M² · out + M² · n_in) against the VJPs
+    (T of them, or more when the block is folded a few tasks at a time, M · n_in · out each,
+    and the Gram of T rows of n_in · out)."""
+    M, n_in, out = lin.m, lin.n_in, lin.out
+    n = n_in * out + out * lin.bias
     c = min(T, max(1, bucket // n))
     vjps = T if c >= T else T / 2 + T * T / (2 * c)
-    trick = T * (T + 1) / 2 * M * M * lin.out + M * M * n_in
-    return trick < vjps * M * n_in * lin.out + T * T * n / 2
+    trick = T * (T + 1) / 2 * M * M * out + M * M * n_in
+    return trick < vjps * M * n_in * out + T * T * n / 2
 
 
 def _fold_linear(K: Tensor, lin: _Linear, deltas: list) -> None:
-    """K += G_W G_Wᵀ (+ G_b G_bᵀ) of a Linear layer from its input and the T cotangents at
-    its output, G_W,i = δ_iᵀ x, without forming G_W:
+    """K += G_W G_Wᵀ (+ G_b G_bᵀ) of a matrix product in W from its input rows x and the T
+    cotangents at its output, G_W,i = δ_iᵀ x, without forming G_W:
 
         ⟨δ_iᵀ x, δ_jᵀ x⟩ = Σ_{a,b} (x xᵀ)_{ab} (δ_i δ_jᵀ)_{ab},
         ⟨G_b,i, G_b,j⟩ = (Σ_a δ_i,a) · (Σ_a δ_j,a)
 
     in K's dtype, one task's row of pairs (δ_i against δ_1..δ_i) at a time."""
     T = K.shape[0]
-    x = lin.x.detach().to(device=K.device, dtype=K.dtype)
+    x = lin.x().detach().to(device=K.device, dtype=K.dtype)
     M = x.shape[0]
     X = x @ x.mT                                          # (M, M)
-    D = torch.stack([d.reshape(M, lin.out) if d is not None
-                     else torch.zeros(M, lin.out, dtype=x.dtype, device=x.device)
-                     for d in deltas]).to(device=K.device, dtype=K.dtype)   # (T, M, out)
+    del x
+
+    def rows(d: Tensor | None) -> Tensor:
+        if d is None:
+            return torch.zeros(M, lin.out, dtype=K.dtype, device=K.device)
+        d = d if lin.rows is None else lin.rows(d)
+        return d.reshape(M, lin.out).to(device=K.device, dtype=K.dtype)
+
+    D = torch.stack([rows(d) for d in deltas])            # (T, M, out)
     flat = D.reshape(T * M, lin.out)
     for i in range(T):
         Q = (D[i] @ flat[:(i + 1) * M].mT).reshape(M, i + 1, M)
@@ -274,60 +413,93 @@ class StreamGradients(ParameterEngine):
                 others.append(leaf)
             else:
                 masks[k] = mask
-        groups = _groups(losses, self._index)
-        for g in groups:
-            g.keep_cotangents = self._keeps_cotangents(g, sum(params[k].numel()
-                                                              for k in g.params))
-        edges = [e for g in groups if g.keep_cotangents for e in g.edges]
-        direct = sorted(k for g in groups if not g.keep_cotangents for k in g.params)
-        inputs = edges + [params[k] for k in direct] + others
-        n_e, n_d = len(edges), len(direct)
-        kept: list[list[Tensor | None]] = [[] for _ in range(n_e + n_d)]
-        summed: list[Tensor | None] = [None] * len(others)
-        for loss in losses:
-            grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-            for c in range(n_e + n_d):
-                kept[c].append(grads[c])
-            for k, g in enumerate(grads[n_e + n_d:]):
-                if g is not None:
-                    summed[k] = g if summed[k] is None else summed[k] + g
-            del grads
-        with torch.no_grad():
-            for leaf, g in zip(others, summed):   # the heads: Σ_i ∇ L_i, as backward() does
-                if g is not None:
-                    leaf.grad = g if leaf.grad is None else leaf.grad.add_(g)
-        del summed
-        self.kept_numel = sum(t.numel() for rows in kept for t in rows if t is not None)
+        groups, graph = _groups(losses, self._index)
+        targets: list[_Target] = []
+        for gi, g in enumerate(groups):
+            numel = sum(params[k].numel() for k in g.params)
+            g.keep_cotangents = self._keeps_cotangents(g, numel)
+            if g.keep_cotangents:
+                targets.append(_Target("cot", gi, g.nodes[0], g.edges, g.out_numel))
+            else:
+                for k in sorted(g.params):
+                    node = graph.leaf_nodes[id(params[k])]
+                    targets.append(_Target("dir", k, node, [GradientEdge(node, 0)],
+                                           params[k].numel()))
+        for j, leaf in enumerate(others):
+            node = graph.leaf_nodes.get(id(leaf))
+            if node is not None:                       # (a loss that is itself a leaf: not)
+                targets.append(_Target("head", j, node, [GradientEdge(node, 0)], 0))
         acc = torch.float64 if any(p.dtype == torch.float64 for p in params) \
             else torch.float32
         K = torch.zeros(T, T, dtype=acc, device=params[0].device)
-        for c, k in enumerate(direct):                # the gradients the passes kept
-            rows, kept[n_e + c] = kept[n_e + c], []
-            self._fold(K, [params[k]], lambda i, rows=rows: [rows[i]], None)
-            del rows
         bucket = self._bucket(params, T)
-        start = 0
-        for g in groups:
-            if not g.keep_cotangents:
-                continue
-            deltas = kept[start:start + len(g.edges)]    # the edges are in group order
-            for c in range(start, start + len(g.edges)):
-                kept[c] = []
-            start += len(g.edges)
-            linear = _linear(g, self._index)
-            if linear is not None and _prefers_gram_trick(linear, deltas[0], T, bucket):
-                _fold_linear(K, linear, deltas[0])
-            else:
-                for block in self._blocks(params, sorted(g.params), T, bucket):
-                    ps = [params[k] for k in block]
-                    self._fold(K, ps, partial(self._vjp, g, ps, deltas), bucket)
-            del deltas
+        self.segments = _segments(losses, graph, targets, T, bucket // 2)
+        self.kept_numel = 0
+        carried: list[tuple[GradientEdge, list[Tensor | None]]] = []
+        for seg in self.segments:
+            inputs = [e for t in seg.targets for e in t.edges] + seg.cut
+            rows: list[list[Tensor | None]] = [[] for _ in inputs]
+            for i in range(T):
+                grads = self._pass(losses[i], carried, i, inputs)
+                for r, g in zip(rows, grads):
+                    r.append(g)
+                del grads
+            carried = list(zip(seg.cut, rows[len(inputs) - len(seg.cut):]))
+            self.kept_numel = max(self.kept_numel, sum(
+                t.numel() for r in rows for t in r if t is not None))
+            start = 0
+            for t in seg.targets:
+                got, start = rows[start:start + len(t.edges)], start + len(t.edges)
+                for c in range(start - len(t.edges), start):
+                    rows[c] = []
+                self._fold_target(K, t, got, groups, others, params, bucket)
+                del got
+            del rows
+        self._K = K
         self._K = K
         self._reached = torch.tensor([[bool(m >> i & 1) for m in masks] for i in range(T)],
                                      dtype=torch.bool).reshape(T, P)
         self._losses = losses
         self.num_tasks = T
         return self
+
+    @staticmethod
+    def _pass(loss: Tensor, carried: list, i: int, inputs: list) -> tuple:
+        """Task i's pass of one segment: from its loss (the first segment) or from the
+        cotangents carried at the cut, to the segment's captures and the next cut."""
+        if not carried:
+            return torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        live = [(e, g[i]) for e, g in carried if g[i] is not None]
+        if not live:
+            return (None,) * len(inputs)
+        return torch.autograd.grad([e for e, _ in live], inputs,
+                                   grad_outputs=[g for _, g in live], retain_graph=True,
+                                   allow_unused=True)
+
+    def _fold_target(self, K: Tensor, t: _Target, got: list, groups: list[_Group],
+                     others: list[Tensor], params: list[Tensor], bucket: int) -> None:
+        """Fold one segment's capture into K (or, for a head, into its ``.grad``)."""
+        if t.kind == "head":          # Σ_i ∇ L_i, as backward() gives the heads
+            total = None
+            for g in got[0]:
+                if g is not None:
+                    total = g if total is None else total + g
+            if total is not None:
+                leaf = others[t.key]
+                with torch.no_grad():
+                    leaf.grad = total if leaf.grad is None else leaf.grad.add_(total)
+        elif t.kind == "dir":
+            rows = got[0]
+            self._fold(K, [params[t.key]], lambda i: [rows[i]], None)
+        else:
+            g = groups[t.key]
+            linear = _linear(g, self._index)
+            if linear is not None and _prefers_gram_trick(linear, len(got[0]), bucket):
+                _fold_linear(K, linear, got[0])
+                return
+            for block in self._blocks(params, sorted(g.params), K.shape[0], bucket):
+                ps = [params[k] for k in block]
+                self._fold(K, ps, partial(self._vjp, g, ps, got), bucket)
 
     @staticmethod
     def _keeps_cotangents(group: _Group, param_numel: int) -> bool:
