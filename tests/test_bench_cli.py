@@ -30,6 +30,12 @@ def test_smoke_run_writes_every_case(tmp_path, capsys):
         assert ("step", impl) in impls
     for impl in linesearch.IMPLS:
         assert ("linesearch step", impl) in impls
+    for impl in ("sum(losses).backward()", "fastmtl loop", "fastmtl vmap", "fastmtl stream",
+                 "torchjd autojac"):
+        assert ("memory", impl) in impls
+    memory = {r["impl"]: r for r in rows if r["op"] == "memory"}
+    assert memory["fastmtl loop"]["of loop"] == 1.0
+    assert memory["sum(losses).backward()"]["extra MB"] == 0.0
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["fastmtl speed-up"] is not None for r in rows)
     assert "fastmtl speed-up" in capsys.readouterr().out

@@ -311,3 +311,32 @@ def test_latent_task_not_reaching_z():
         assert lg.reached.tolist() == [True, False]
         assert bool((lg.buffer[1] == 0).all()) and bool((lg.buffer[0] != 0).any())
         lg.discard()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_latent_skip_connection_around_z(mode):
+    """W is behind z and used by the losses directly too: it gets J_zᵀ d_z plus its plain
+    gradient along the direct path; V (a head) gets Σ_i ∇_V L_i; the loop engine notices the
+    skip and pulls d_z back through the whole graph (``_split`` False), else from z alone."""
+    torch.manual_seed(0)
+    W = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    V = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    w = torch.tensor([0.25, 1.5], dtype=torch.float64)
+    for skip in (True, False):
+        W.grad = V.grad = None
+        z = torch.tanh(x @ W.T)
+        losses = [(z @ V[i]).square().sum() + ((i + 1.0) * W.square().sum() if skip else 0)
+                  for i in range(2)]
+        G = torch.stack([torch.autograd.grad(L, z, retain_graph=True)[0].reshape(-1)
+                         for L in losses])
+        d_z = (w @ G).view(z.shape)
+        ref_W = torch.autograd.grad(z, W, d_z, retain_graph=True)[0] + 3.0 * 2 * W * skip
+        ref_V = torch.autograd.grad(sum((z.detach() @ V[i]).square().sum() for i in range(2)),
+                                    V)[0]
+        lg = LatentGradients(engine=mode).bind(z).compute(losses)
+        if mode == "loop":
+            assert lg._split is not skip
+        lg.apply(w)
+        torch.testing.assert_close(W.grad, ref_W, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(V.grad, ref_V, rtol=1e-12, atol=1e-12)

@@ -338,3 +338,17 @@ def test_gram_of_a_matrix_product_from_its_input(op):
     K = torch.zeros(4, 4, dtype=torch.float64)
     _fold_linear(K, lin, deltas)
     torch.testing.assert_close(K, G @ G.T, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("entry", __import__("_aggregators").ENTRIES, ids=lambda e: e.id)
+def test_every_aggregator_runs_on_stream(entry):
+    """Every aggregator takes K only: on engine="stream" its weights and .grad equal those it
+    gives on the loop engine (fresh aggregators, the same seed: same state, same orders)."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = _data("mlp")
+    w_loop, g_loop, _, _ = _step(model, x, y, entry.make(), _loop)
+    w_str, g_str, _, _ = _step(model, x, y, entry.make(), _stream)
+    torch.testing.assert_close(w_str, w_loop, rtol=1e-8, atol=1e-10)
+    for name, g in g_loop.items():
+        torch.testing.assert_close(g_str[name], g, rtol=1e-8, atol=1e-10, msg=name)

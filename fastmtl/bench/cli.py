@@ -21,6 +21,7 @@ import fastmtl as fm
 from fastmtl.bench.adatask import PARAM_LISTS, adatask_cases
 from fastmtl.bench.cases import Row, combine_cases, gram_cases, mgda_cases
 from fastmtl.bench.linesearch import linesearch_cases
+from fastmtl.bench.memory import memory_cases
 from fastmtl.bench.steps import step_cases
 from fastmtl.bench.timing import copy_bandwidth_gbs
 
@@ -67,14 +68,23 @@ def run(device: str, quick: bool, smoke: bool = False) -> tuple[list[Row], float
         rows += linesearch_cases(device, T=2, batch=8, steps=2, warmup=1)
     else:
         rows += linesearch_cases(device, T=3, batch=256, steps=100 if quick else 300)
+    if smoke:
+        rows += memory_cases(device, "mlp", (3,), batch=8, width=16, depth=2, rounds=1)
+    else:
+        tasks = (2, 10) if quick else (2, 10, 40)
+        rows += memory_cases(device, "mlp", tasks)
+        rows += memory_cases(device, "resnet18", tasks)
     _add_ratios(rows, floor)
     return rows, floor
 
 
 def _add_ratios(rows: list[Row], floor: float | None = None) -> None:
-    """'fastmtl speed-up' (impl time / the case's fastmtl time) and, given the copy floor,
-    '% floor' of every row with a GB/s."""
-    fast = {(r["op"], r["case"]): r["ms"] for r in rows if str(r["impl"]).startswith("fastmtl")}
+    """'fastmtl speed-up' (impl time / the time of the case's first fastmtl row: its default)
+    and, given the copy floor, '% floor' of every row with a GB/s."""
+    fast: dict[tuple, float] = {}
+    for r in rows:
+        if str(r["impl"]).startswith("fastmtl"):
+            fast.setdefault((r["op"], r["case"]), r["ms"])
     for r in rows:
         base = fast.get((r["op"], r["case"]))
         r["fastmtl speed-up"] = (r["ms"] / base) if base else None
@@ -90,7 +100,8 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-COLUMNS = ["op", "case", "impl", "ms", "GB/s", "% floor", "fastmtl speed-up", "trials", "loss"]
+COLUMNS = ["op", "case", "impl", "ms", "GB/s", "% floor", "fastmtl speed-up", "extra MB",
+           "of loop", "trials", "loss"]
 
 
 def print_table(rows: list[Row], file=sys.stdout, columns: list[str] | None = None) -> None:
@@ -120,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fastmtl-bench on {meta['device']} (commit {meta['commit']}, torch {meta['torch']}); "
           f"copy floor {floor:.1f} GB/s; 'fastmtl speed-up' = impl time / fastmtl time; line "
           "search: mean ms per step of a training run, mean trials per step, loss over its "
-          "last 10% of steps")
+          "last 10% of steps; memory: 'extra MB' = the step's peak allocated memory beyond "
+          "sum(losses).backward()'s, 'of loop' = that as a fraction of the loop engine's")
     print_table(rows)
     if args.json:
         with open(args.json, "w") as fh:

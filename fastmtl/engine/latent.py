@@ -6,13 +6,16 @@ representation z instead of the shared parameters.
                                                      ("loop"), or one batched VJP ("vmap")
     gram()              K_z = G_z G_zᵀ
     direction(w)        d_z = G_zᵀ w                  (shaped like z)
-    apply(w)            one backward pass of Σ_i L_i during which a hook on z replaces the
-                        gradient flowing into z by d_z (returned if asked):
+    apply(w)            pull d_z back (returned if asked):
                           heads (between z and the losses)  .grad += Σ_i ∇ L_i
                           parameters behind z               .grad += J_zᵀ d_z   (one VJP)
 
-A parameter that the losses use other than through z (a skip connection around z, a shared
-tensor used by a head) also receives its plain gradient Σ_i ∇ L_i along those other paths.
+"loop" gives the heads their gradients in its T passes (as the parameter-space engines do) and
+``apply`` runs one backward pass from z alone. Where a leaf is both in front of z and behind
+it (a skip connection around z, a shared tensor used by a head), and with "vmap", ``apply``
+is instead one backward pass of Σ_i L_i during which a hook on z replaces the gradient flowing
+into z by d_z: such a parameter also receives its plain gradient Σ_i ∇ L_i along its other
+paths.
 The graph is retained between ``compute`` and ``apply`` and freed by ``apply`` (or
 ``discard``).
 ``reached`` (T,) says which losses depend on z; the rows of the others are zero. The (T, n)
@@ -29,7 +32,7 @@ from torch import Tensor
 from fastmtl import ops
 from fastmtl._checks import check_engine_name, check_features
 from fastmtl.engine.base import GradientEngine, auto_mode
-from fastmtl.engine.graph import task_masks
+from fastmtl.engine.graph import children, task_masks
 from fastmtl.engine.vmap import VmapUnsupportedError
 from fastmtl.ops._common import acc_dtype
 
@@ -47,6 +50,7 @@ class LatentGradients(GradientEngine):
         self._features: Tensor | None = None                      # z, from bind to apply
         self._pending: list[Tensor] | None = None                 # the losses, until apply
         self._vmap_ok: bool | None = None
+        self._split = False    # compute gave the heads their gradients (see ``_loop``)
 
     def bind(self, features: Tensor) -> LatentGradients:
         """Take ``features`` (the shared representation z of this step) for the next
@@ -83,6 +87,7 @@ class LatentGradients(GradientEngine):
                 warnings.warn(f"fastmtl: engine='auto' falls back to 'loop' for good: {exc}",
                               RuntimeWarning, stacklevel=2)
                 self._vmap_ok, mode = False, "loop"
+        self._split = False
         if mode == "loop":
             reached = self._loop(losses, z)
         self._reached = torch.tensor(reached, dtype=torch.bool)
@@ -90,15 +95,31 @@ class LatentGradients(GradientEngine):
         return self
 
     def _loop(self, losses: list[Tensor], z: Tensor) -> list[bool]:
+        """T VJPs that stop at z. When no leaf in front of z (a head) is also behind it, the
+        same passes give the heads their Σ_i ∇ L_i, and ``apply`` then runs from z alone."""
+        heads, _ = task_masks(losses, target=z)
+        heads = [leaf for leaf, _ in heads if leaf is not z]
+        self._split = not _behind(z, heads)
+        inputs = [z, *heads] if self._split else [z]
+        summed: list[Tensor | None] = [None] * (len(inputs) - 1)
         reached = []
+        T = len(losses)
         for i, loss in enumerate(losses):
-            (g,) = torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)
+            g, *rest = torch.autograd.grad(loss, inputs, allow_unused=True,
+                                           retain_graph=not self._split or i < T - 1)
             with torch.no_grad():
                 if g is None:
                     self.buffer[i].zero_()
                 else:
                     self.buffer[i].copy_(g.reshape(-1))
+            for k, h in enumerate(rest):
+                if h is not None:
+                    summed[k] = h if summed[k] is None else summed[k] + h
             reached.append(g is not None)
+        with torch.no_grad():
+            for leaf, h in zip(heads, summed):   # Σ_i ∇ L_i, as backward() gives the heads
+                if h is not None:
+                    leaf.grad = h if leaf.grad is None else leaf.grad.add_(h)
         return reached
 
     def _vmap(self, losses: list[Tensor], z: Tensor) -> list[bool]:
@@ -148,9 +169,32 @@ class LatentGradients(GradientEngine):
         d_z = self.direction(w)
         losses, z = self._pending, self._features
         self.discard()
+        if self._split:   # the heads have their gradients from compute: from z alone
+            if z.requires_grad and (z.grad_fn is not None or z.is_leaf):
+                torch.autograd.backward(z, d_z)
+            return d_z if return_direction else None
         handle = z.register_hook(lambda _grad: d_z)
         try:
             torch.autograd.backward(losses)
         finally:
             handle.remove()
         return d_z if return_direction else None
+
+
+def _behind(z: Tensor, leaves: list[Tensor]) -> bool:
+    """Whether one of ``leaves`` is also reached through z (a skip connection around z)."""
+    if not leaves:
+        return False
+    ids = {id(leaf) for leaf in leaves}
+    if z.grad_fn is None:
+        return id(z) in ids
+    stack, seen = [z.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(getattr(node, "variable", None)) in ids:
+            return True
+        stack.extend(c for c, _ in children(node))
+    return False

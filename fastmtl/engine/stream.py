@@ -12,18 +12,22 @@ cotangent δ_i = ∂L_i/∂y of its output:
 parameter-gradient product is formed in them) and keeps, per consumer, whichever is smaller:
 the T cotangents at its outputs, or the T gradients of its parameters (an early convolution of
 a CNN, whose outputs are large; and a parameter under two consumers, tied weights, whose VJPs
-are not separable). The heads (non-shared leaves) get Σ_i ∇ L_i in ``.grad`` in those passes,
-as ``sum(losses).backward()`` gives them. Then, block by block, G_b is built by T VJPs of its
-consumer alone, folded into K and freed; ``bucket_size`` bounds the per-task gradient elements
-that exist at once (a block too large for all T tasks is folded a few tasks at a time, at the
-price of more VJPs). ``apply(w)`` takes d by one ordinary weighted backward pass of
-Σ_i w_i L_i into the shared parameters, which also frees the graph.
+are not separable). The passes run in segments (``_segments``): between two, the T cotangents
+at one node (a block's input) are carried and the segment's captures are folded into K and
+freed. A Linear or Conv2d layer folds its block from its input rows x (im2col for a
+convolution) and its cotangents, K_ij += ⟨(x xᵀ) δ_i, δ_j⟩, when that costs fewer flops than
+T VJPs (about M rows < its fan-in); other blocks are built by T VJPs of their consumer alone,
+folded and freed; ``bucket_size`` bounds the per-task gradient elements that exist at once (a
+block too large for all T tasks is folded a few tasks at a time, at the price of more VJPs).
+The heads (non-shared leaves) get Σ_i ∇ L_i in ``.grad`` in the passes, as
+``sum(losses).backward()`` gives them. ``apply(w)`` takes d by one ordinary weighted backward
+pass of Σ_i w_i L_i into the shared parameters, which also frees the graph.
 
-Memory beyond one plain backward: T × Σ_consumers min(outputs, parameters) + ``bucket_size``
-elements, never more than the loop engine's T × N: far below it when ops' outputs are smaller
-than their parameters (wide layers, small batches, large models fine-tuned on few tokens), about
-the same when activations dominate (a CNN at a large batch). Time: the loop engine's T passes,
-plus T VJPs per consumer (Python calls) and one weighted backward pass.
+Memory beyond one plain backward: at most T × the captures of one segment (each consumer's
+min(outputs, parameters)) + the carried cut + ``bucket_size`` elements, not the loop engine's
+T × N (measured by ``fastmtl.bench.memory``; README, "Memory"). Time: the loop
+engine's T passes without their weight-gradient products, plus the folds (T VJPs per block, or
+the x xᵀ form) and one weighted backward pass.
 
 Exact: K, w and every ``.grad`` equal the loop engine's to rounding. Nothing is recomputed, so
 any op works and BatchNorm's running statistics are updated once, by the forward (dropout keeps
@@ -321,14 +325,14 @@ def _linear(group: _Group, index: dict[int, int]) -> _Linear | None:
 
 
 def _prefers_gram_trick(lin: _Linear, T: int, bucket: int) -> bool:
-    """Flops of K_W by ``_fold_linear`` (T(T+1)/2 · M² · out + M² · n_in) against the VJPs
-    (T of them, or more when the block is folded a few tasks at a time, M · n_in · out each,
-    and the Gram of T rows of n_in · out)."""
+    """Flops of K_W by ``_fold_linear`` (M² · n_in for x xᵀ, T · M² · out, T² · M · out)
+    against the VJPs (T of them, or more when the block is folded a few tasks at a time,
+    M · n_in · out each, and the Gram of T rows of n_in · out): about M < n_in."""
     M, n_in, out = lin.m, lin.n_in, lin.out
     n = n_in * out + out * lin.bias
     c = min(T, max(1, bucket // n))
     vjps = T if c >= T else T / 2 + T * T / (2 * c)
-    trick = T * (T + 1) / 2 * M * M * out + M * M * n_in
+    trick = M * M * n_in + T * M * M * out + T * T * M * out
     return trick < vjps * M * n_in * out + T * T * n / 2
 
 
@@ -336,10 +340,10 @@ def _fold_linear(K: Tensor, lin: _Linear, deltas: list) -> None:
     """K += G_W G_Wᵀ (+ G_b G_bᵀ) of a matrix product in W from its input rows x and the T
     cotangents at its output, G_W,i = δ_iᵀ x, without forming G_W:
 
-        ⟨δ_iᵀ x, δ_jᵀ x⟩ = Σ_{a,b} (x xᵀ)_{ab} (δ_i δ_jᵀ)_{ab},
+        ⟨δ_iᵀ x, δ_jᵀ x⟩ = tr(δ_iᵀ x xᵀ δ_j) = ⟨(x xᵀ) δ_i, δ_j⟩,
         ⟨G_b,i, G_b,j⟩ = (Σ_a δ_i,a) · (Σ_a δ_j,a)
 
-    in K's dtype, one task's row of pairs (δ_i against δ_1..δ_i) at a time."""
+    in K's dtype, one task's (x xᵀ) δ_i at a time; the two triangles averaged."""
     T = K.shape[0]
     x = lin.x().detach().to(device=K.device, dtype=K.dtype)
     M = x.shape[0]
@@ -353,12 +357,11 @@ def _fold_linear(K: Tensor, lin: _Linear, deltas: list) -> None:
         return d.reshape(M, lin.out).to(device=K.device, dtype=K.dtype)
 
     D = torch.stack([rows(d) for d in deltas])            # (T, M, out)
-    flat = D.reshape(T * M, lin.out)
+    flat = D.reshape(T, -1)
+    A = torch.empty(T, T, dtype=K.dtype, device=K.device)
     for i in range(T):
-        Q = (D[i] @ flat[:(i + 1) * M].mT).reshape(M, i + 1, M)
-        k = torch.einsum("ajb,ab->j", Q, X)
-        K[i, :i + 1] += k
-        K[:i, i] += k[:i]
+        A[:, i] = flat @ (X @ D[i]).reshape(-1)
+    K += (A + A.mT) / 2
     if lin.bias:
         s = D.sum(1)
         K += s @ s.mT
