@@ -93,11 +93,10 @@ def mtl_backward(
             block by block and never holds them (``fastmtl.engine.stream``). "auto": "stream"
             when the (T, N) buffer would exceed its budget (``engine.prefers_stream``: a fixed
             size on the CPU, a fraction of the free memory on a GPU; decided at the first step
-            for these parameters),
-            else "loop" when the losses are on the CPU or T <= 2, else "vmap" (falling back
-            to "loop" for good if vmap fails). By name, the engine comes from a small
-            module-level cache keyed on the shared parameters (held weakly), so its buffers
-            are reused across steps.
+            for these parameters), else "loop" when the losses are on the CPU or T <= 2,
+            else "vmap" (falling back to "loop" for good if vmap fails). By name, the engine
+            comes from a small module-level cache keyed on the shared parameters (held
+            weakly), so its buffers are reused across steps.
         check_finite: raise ``ValueError`` on a non-finite loss (reads the losses on the host:
             a synchronisation on GPU).
 

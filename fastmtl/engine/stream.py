@@ -58,14 +58,13 @@ MIN_BUCKET = 1 << 20           # ... and at least 1M elements
 
 @dataclass
 class _Group:
-    """Consumers that share parameters, the shared parameters under them (indices), and what
-    the T passes keep for them: the cotangents at ``edges`` or the parameters' gradients."""
+    """Consumers that share parameters, the shared parameters under them (indices), and the
+    edges at which their output cotangents are captured."""
     nodes: list = field(default_factory=list)
     params: set = field(default_factory=set)
     edges: list = field(default_factory=list)       # GradientEdge per used output
     out_numel: int = 0
     isolated: bool = True          # its parameters are reached through its consumers alone
-    keep_cotangents: bool = True
 
 
 _UNKNOWN = 1 << 62   # the size of an output whose shape the node does not tell: never chosen
@@ -401,7 +400,8 @@ class StreamGradients(ParameterEngine):
         self.num_tasks: int | None = None
         self._K: Tensor | None = None
         self._losses: list[Tensor] = []
-        self.kept_numel = 0          # elements the last compute's T passes kept (diagnostics)
+        self.segments: list[_Segment] = []   # the last compute's segments (diagnostics)
+        self.kept_numel = 0   # the most elements one of its segments' passes kept (diagnostics)
 
     # -- compute ---------------------------------------------------------------------------
     def _compute(self, losses: list[Tensor]) -> StreamGradients:
@@ -420,8 +420,7 @@ class StreamGradients(ParameterEngine):
         targets: list[_Target] = []
         for gi, g in enumerate(groups):
             numel = sum(params[k].numel() for k in g.params)
-            g.keep_cotangents = self._keeps_cotangents(g, numel)
-            if g.keep_cotangents:
+            if self._keeps_cotangents(g, numel):
                 targets.append(_Target("cot", gi, g.nodes[0], g.edges, g.out_numel))
             else:
                 for k in sorted(g.params):
@@ -458,7 +457,6 @@ class StreamGradients(ParameterEngine):
                 self._fold_target(K, t, got, groups, others, params, bucket)
                 del got
             del rows
-        self._K = K
         self._K = K
         self._reached = torch.tensor([[bool(m >> i & 1) for m in masks] for i in range(T)],
                                      dtype=torch.bool).reshape(T, P)
