@@ -369,3 +369,30 @@ def test_stream_on_cuda_matches_cpu(kind):
     for name, g in g_cpu.items():
         if g is not None:
             torch.testing.assert_close(g_gpu[name].cpu(), g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_autocast_model(kind):
+    """Under CPU autocast (bf16 ops, fp32 parameters reached through casts) the stream
+    engine's K and .grad equal the loop engine's to bf16 rounding."""
+    torch.manual_seed(0)
+    model = MODELS[kind]()
+    x, y = (t.float() for t in _data(kind))
+    results = []
+    for engine_of in (_loop, _stream_cotangents):
+        m = copy.deepcopy(model)
+        shared = _shared(m)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = m(x)
+        losses = [((o.float() - y[:, i]) ** 2).mean() for i, o in enumerate(outs)]
+        eng = engine_of(m, shared)
+        fm.mtl_backward(losses, shared, Fixed([0.5, 1.0, 2.0]), engine=eng)
+        results.append((eng.gram(), {n: p.grad for n, p in m.named_parameters()}))
+    (K0, g0), (K1, g1) = results
+    torch.testing.assert_close(K1, K0, rtol=2e-2, atol=1e-3 * K0.abs().max())
+    scale = max(g.abs().max() for g in g0.values() if g is not None)
+    for name, g in g0.items():
+        if g is None:
+            assert g1[name] is None
+        else:
+            assert (g1[name] - g).abs().max() <= 2 ** -6 * scale, name

@@ -274,9 +274,19 @@ def _shared_leaf(node: object, index: dict[int, int]) -> Tensor | None:
 def _linear(group: _Group, index: dict[int, int]) -> _Linear | None:
     """The group as one matrix product in its weight, if it is: one ``AddmmBackward0``
     (α = β = 1, a 1-D bias) or ``MmBackward0`` node whose weight comes through ``Wᵀ``, or one
-    ``ConvolutionBackward0`` (2-D, not transposed, one group) on shared weight and bias."""
+    ``ConvolutionBackward0`` (2-D, not transposed, one group) on shared weight and bias. Read
+    from the node's saved inputs (``_saved_*``); a torch whose nodes say less gives None (the
+    VJP path)."""
     if len(group.nodes) != 1 or len(group.edges) != 1:
         return None
+    try:
+        return _read_linear(group, index)
+    except (AttributeError, IndexError, RuntimeError):
+        return None
+
+
+def _read_linear(group: _Group, index: dict[int, int]) -> _Linear | None:
+    """``_linear`` on a one-node group: the reading of the node itself."""
     node = group.nodes[0]
     kids = node.next_functions
     name = node.name()
