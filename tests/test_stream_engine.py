@@ -396,3 +396,20 @@ def test_autocast_model(kind):
             assert g1[name] is None
         else:
             assert (g1[name] - g).abs().max() <= 2 ** -6 * scale, name
+
+
+def test_checkpointed_encoder():
+    """A non-reentrant ``torch.utils.checkpoint`` encoder: its saved tensors are recomputed
+    whenever a pass or a fold needs them; .grad equals the loop engine's on the plain model."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = _data("mlp")
+    _, g_loop, _, _ = _step(model, x, y, MGDA(), _loop)
+    m = copy.deepcopy(model)
+    z = checkpoint(m.encoder, x, use_reentrant=False)
+    losses = [((h(z).squeeze(1) - y[:, i]) ** 2).mean() for i, h in enumerate(m.heads)]
+    fm.mtl_backward(losses, _shared(m), MGDA(), engine=_stream_cotangents(m, _shared(m)))
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, g_loop[name], rtol=1e-10, atol=1e-12, msg=name)
