@@ -413,3 +413,21 @@ def test_checkpointed_encoder():
     fm.mtl_backward(losses, _shared(m), MGDA(), engine=_stream_cotangents(m, _shared(m)))
     for name, p in m.named_parameters():
         torch.testing.assert_close(p.grad, g_loop[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("make", [_stream, _stream_cotangents], ids=["default", "cotangents"])
+def test_non_shared_layers_behind_the_shared_ones(make):
+    """Only the encoder's second Linear is shared: the first (behind it) gets Σ_i ∇ L_i, like
+    the heads, through the cotangents the segments carry."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = _data("mlp")
+    grads = []
+    for engine_of in (_loop, make):
+        m = copy.deepcopy(model)
+        shared = list(m.encoder[2].parameters())
+        losses = [((o - y[:, i]) ** 2).mean() for i, o in enumerate(m(x))]
+        fm.mtl_backward(losses, shared, Fixed([0.5, -1.0, 2.0]), engine=engine_of(m, shared))
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-10, atol=1e-12, msg=name)
